@@ -39,7 +39,10 @@ impl ImageFormat {
 
     /// Guesses the format from the first bytes of a file (qcow2 magic or raw).
     pub fn probe(path: &Path) -> Result<Self> {
-        let f = File::open(path).map_err(|source| Error::Open { path: path.into(), source })?;
+        let f = File::open(path).map_err(|source| Error::Open {
+            path: path.into(),
+            source,
+        })?;
         let mut magic = [0u8; 4];
         match f.read_exact_at(&mut magic, 0) {
             Ok(()) if u32::from_be_bytes(magic) == crate::header::MAGIC => Ok(ImageFormat::Qcow2),
@@ -82,15 +85,26 @@ impl RawImage {
             .read(true)
             .write(!read_only)
             .open(path)
-            .map_err(|source| Error::Open { path: path.into(), source })?;
+            .map_err(|source| Error::Open {
+                path: path.into(),
+                source,
+            })?;
         let size = file_size(&file)?;
-        Ok(RawImage { file, size, read_only })
+        Ok(RawImage {
+            file,
+            size,
+            read_only,
+        })
     }
 
     /// Wraps an open file.
     pub fn from_file(file: File, read_only: bool) -> Result<Self> {
         let size = file_size(&file)?;
-        Ok(RawImage { file, size, read_only })
+        Ok(RawImage {
+            file,
+            size,
+            read_only,
+        })
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
@@ -102,7 +116,8 @@ impl RawImage {
 pub fn file_size(file: &File) -> Result<u64> {
     use std::io::{Seek, SeekFrom};
     let mut f = file;
-    f.seek(SeekFrom::End(0)).map_err(|e| Error::io("seek to end", e))
+    f.seek(SeekFrom::End(0))
+        .map_err(|e| Error::io("seek to end", e))
 }
 
 /// Errors unless `[offset, offset+len)` lies within `size`.
@@ -120,7 +135,9 @@ impl BlockImage for RawImage {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
-        self.file.read_exact_at(buf, offset).map_err(|e| Error::io("read", e))
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| Error::io("read", e))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -128,7 +145,9 @@ impl BlockImage for RawImage {
             return Err(Error::ReadOnly);
         }
         self.check(offset, buf.len() as u64)?;
-        self.file.write_all_at(buf, offset).map_err(|e| Error::io("write", e))
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| Error::io("write", e))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
@@ -194,7 +213,10 @@ pub(crate) fn open_backing(
 ) -> Result<Box<dyn BlockImage>> {
     let path = resolve_backing(image, name);
     if opts.max_backing_depth == 0 {
-        return Err(Error::Backing { path, reason: "backing chain too deep".into() });
+        return Err(Error::Backing {
+            path,
+            reason: "backing chain too deep".into(),
+        });
     }
     let fmt = match format {
         Some(f) => ImageFormat::parse(f).map_err(|e| Error::Backing {
@@ -219,6 +241,8 @@ pub(crate) fn open_backing(
         refcount_cache_bytes: Some(64 << 10),
         ..opts.clone()
     };
-    open_image(&path, Some(fmt), &child)
-        .map_err(|e| Error::BackingOpen { path, source: Box::new(e) })
+    open_image(&path, Some(fmt), &child).map_err(|e| Error::BackingOpen {
+        path,
+        source: Box::new(e),
+    })
 }

@@ -127,7 +127,11 @@ impl Header {
         self.extensions
             .iter()
             .find(|(t, _)| *t == EXT_BACKING_FORMAT)
-            .map(|(_, d)| String::from_utf8_lossy(d).trim_end_matches('\0').to_string())
+            .map(|(_, d)| {
+                String::from_utf8_lossy(d)
+                    .trim_end_matches('\0')
+                    .to_string()
+            })
     }
 
     /// Parses a header from the first cluster of the file (`buf` holds at
@@ -135,7 +139,10 @@ impl Header {
     /// detect the cluster size, the caller re-reads when it is larger).
     pub fn parse(buf: &[u8], file_len: u64) -> Result<Header> {
         if buf.len() < V2_HEADER_LEN as usize {
-            return Err(Error::BadHeader(format!("file too short ({} bytes)", buf.len())));
+            return Err(Error::BadHeader(format!(
+                "file too short ({} bytes)",
+                buf.len()
+            )));
         }
         if be32(buf, 0) != MAGIC {
             return Err(Error::NotQcow2);
@@ -146,7 +153,9 @@ impl Header {
         }
         let cluster_bits = be32(buf, 20);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
-            return Err(Error::BadHeader(format!("cluster_bits {cluster_bits} out of range 9..=21")));
+            return Err(Error::BadHeader(format!(
+                "cluster_bits {cluster_bits} out of range 9..=21"
+            )));
         }
         let mut h = Header {
             version,
@@ -180,11 +189,16 @@ impl Header {
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
             if h.header_length < 104 || h.header_length % 8 != 0 && h.header_length != 104 {
-                return Err(Error::BadHeader(format!("header_length {}", h.header_length)));
+                return Err(Error::BadHeader(format!(
+                    "header_length {}",
+                    h.header_length
+                )));
             }
             if h.incompatible_features & INCOMPAT_COMPRESSION != 0 {
                 if h.header_length <= 104 || buf.len() <= 104 {
-                    return Err(Error::BadHeader("compression type bit set but no field".into()));
+                    return Err(Error::BadHeader(
+                        "compression type bit set but no field".into(),
+                    ));
                 }
                 h.compression_type = match buf[104] {
                     0 => CompressionType::Zlib,
@@ -199,7 +213,9 @@ impl Header {
             let start = h.backing_file_offset as usize;
             let len = h.backing_file_size as usize;
             if len == 0 || len > 1023 || start.checked_add(len).is_none_or(|e| e > buf.len()) {
-                return Err(Error::BadHeader("backing file name outside the first cluster".into()));
+                return Err(Error::BadHeader(
+                    "backing file name outside the first cluster".into(),
+                ));
             }
             let name = std::str::from_utf8(&buf[start..start + len])
                 .map_err(|_| Error::BadHeader("backing file name is not UTF-8".into()))?;
@@ -214,7 +230,10 @@ impl Header {
             return Err(Error::Unsupported("encrypted images".into()));
         }
         if self.refcount_order > 6 {
-            return Err(Error::BadHeader(format!("refcount_order {}", self.refcount_order)));
+            return Err(Error::BadHeader(format!(
+                "refcount_order {}",
+                self.refcount_order
+            )));
         }
         if self.version == 2 && self.refcount_order != 4 {
             return Err(Error::BadHeader("v2 image with refcount_order != 4".into()));
@@ -224,16 +243,23 @@ impl Header {
             return Err(Error::Unsupported("external data file".into()));
         }
         if unknown & INCOMPAT_EXTL2 != 0 {
-            return Err(Error::Unsupported("extended L2 entries (subclusters)".into()));
+            return Err(Error::Unsupported(
+                "extended L2 entries (subclusters)".into(),
+            ));
         }
         if unknown != 0 {
-            return Err(Error::Unsupported(format!("incompatible feature bits {unknown:#x}")));
+            return Err(Error::Unsupported(format!(
+                "incompatible feature bits {unknown:#x}"
+            )));
         }
         if self.header_length as u64 > cs || self.header_length as usize > buf.len() {
             return Err(Error::BadHeader("header longer than a cluster".into()));
         }
         if self.size > MAX_DISK_SIZE {
-            return Err(Error::BadHeader(format!("disk size {} too large", self.size)));
+            return Err(Error::BadHeader(format!(
+                "disk size {} too large",
+                self.size
+            )));
         }
         let l2_entries = cs / 8;
         let needed_l1 = self.size.div_ceil(cs * l2_entries);
@@ -244,9 +270,18 @@ impl Header {
             )));
         }
         if self.l1_size as u64 * 8 > MAX_L1_BYTES {
-            return Err(Error::BadHeader(format!("L1 table of {} entries too large", self.l1_size)));
+            return Err(Error::BadHeader(format!(
+                "L1 table of {} entries too large",
+                self.l1_size
+            )));
         }
-        check_table(file_len, cs, self.l1_table_offset, self.l1_size as u64 * 8, "L1 table")?;
+        check_table(
+            file_len,
+            cs,
+            self.l1_table_offset,
+            self.l1_size as u64 * 8,
+            "L1 table",
+        )?;
         if self.refcount_table_clusters as u64 * cs > MAX_REFTABLE_BYTES {
             return Err(Error::BadHeader("refcount table too large".into()));
         }
@@ -288,7 +323,9 @@ impl Header {
                 break;
             }
             if off + len > end {
-                return Err(Error::BadHeader(format!("header extension {ty:#x} overflows")));
+                return Err(Error::BadHeader(format!(
+                    "header extension {ty:#x} overflows"
+                )));
             }
             if ty == EXT_CRYPTO {
                 return Err(Error::Unsupported("encrypted images".into()));
@@ -371,9 +408,17 @@ impl Header {
 
 /// Checks that `[offset, offset+len)` is cluster aligned, inside the file and
 /// does not overlap the header cluster.
-pub fn check_table(file_len: u64, cluster_size: u64, offset: u64, len: u64, what: &str) -> Result<()> {
+pub fn check_table(
+    file_len: u64,
+    cluster_size: u64,
+    offset: u64,
+    len: u64,
+    what: &str,
+) -> Result<()> {
     if offset % cluster_size != 0 {
-        return Err(Error::BadHeader(format!("{what} offset {offset:#x} is not cluster aligned")));
+        return Err(Error::BadHeader(format!(
+            "{what} offset {offset:#x} is not cluster aligned"
+        )));
     }
     if offset == 0 {
         return Err(Error::BadHeader(format!("{what} overlaps the header")));

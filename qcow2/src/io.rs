@@ -22,7 +22,13 @@ pub fn zero_range(file: &File, offset: u64, len: u64) -> Result<()> {
     if len == 0 {
         return Ok(());
     }
-    if fallocate(file, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len).is_ok()
+    if fallocate(
+        file,
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    )
+    .is_ok()
     {
         return Ok(());
     }
@@ -35,7 +41,8 @@ pub fn write_zero_bytes(file: &File, offset: u64, len: u64) -> Result<()> {
     let mut done = 0;
     while done < len {
         let n = (len - done).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], offset + done).map_err(|e| Error::io("write zeroes", e))?;
+        file.write_all_at(&zeros[..n], offset + done)
+            .map_err(|e| Error::io("write zeroes", e))?;
         done += n as u64;
     }
     Ok(())
@@ -47,7 +54,12 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> Result<()> {
     if len == 0 {
         return Ok(());
     }
-    match fallocate(file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+    match fallocate(
+        file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    ) {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
         Err(e) => Err(Error::io("punch hole", e)),

@@ -13,6 +13,9 @@
 //! - `compress`: zlib/zstd decompression of compressed clusters.
 //! - [`image`]: [`Qcow2`], the open image: read/write/discard/flush, resize,
 //!   snapshots, check and repair.
+//! - `meta`: cached metadata under the image mutex and its ordered writeback.
+//! - `rebuild`: snapshot create/apply/delete, L1 growth, refcount rebuild and
+//!   check, all through one atomic metadata switch.
 //! - `create`: writing a new empty image.
 //! - [`check`]: check report types.
 //!
@@ -54,7 +57,9 @@ pub mod error;
 pub mod header;
 pub mod image;
 pub mod io;
+mod meta;
 pub mod options;
+mod rebuild;
 mod refcount;
 mod snapshot;
 

@@ -36,7 +36,10 @@ impl Default for OpenOptions {
 impl OpenOptions {
     /// Read-only defaults.
     pub fn read_only() -> Self {
-        OpenOptions { read_only: true, ..Default::default() }
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        }
     }
 }
 

@@ -48,7 +48,13 @@ fn be64(b: &[u8], o: usize) -> u64 {
 pub const MAX_TABLE_BYTES: usize = 64 << 20;
 
 /// Parses `count` entries from `buf`; `version` decides the mandatory extra data.
-pub fn parse_table(buf: &[u8], count: u32, version: u32, default_size: u64) -> Result<Vec<SnapshotInfo>> {
+/// Returns the entries and the table's length in bytes.
+pub fn parse_table(
+    buf: &[u8],
+    count: u32,
+    version: u32,
+    default_size: u64,
+) -> Result<(Vec<SnapshotInfo>, usize)> {
     let mut out = Vec::with_capacity(count.min(1024) as usize);
     let mut off = 0usize;
     let bad = |what: &str| Error::corrupt(format!("snapshot table: {what}"));
@@ -77,15 +83,27 @@ pub fn parse_table(buf: &[u8], count: u32, version: u32, default_size: u64) -> R
         if version >= 3 && extra_len < 16 {
             return Err(bad("v3 snapshot without disk size"));
         }
-        let vm_state_size = if extra_len >= 8 { be64(extra, 0) } else { vm_state_size32 as u64 };
-        let disk_size = if extra_len >= 16 { be64(extra, 8) } else { default_size };
+        let vm_state_size = if extra_len >= 8 {
+            be64(extra, 0)
+        } else {
+            vm_state_size32 as u64
+        };
+        let disk_size = if extra_len >= 16 {
+            be64(extra, 8)
+        } else {
+            default_size
+        };
         let icount = if extra_len >= 24 {
             let v = be64(extra, 16);
             (v != u64::MAX).then_some(v)
         } else {
             None
         };
-        let extra_tail = if extra_len > 24 { extra[24..].to_vec() } else { Vec::new() };
+        let extra_tail = if extra_len > 24 {
+            extra[24..].to_vec()
+        } else {
+            Vec::new()
+        };
         let id = String::from_utf8_lossy(&buf[p..p + id_len]).into_owned();
         p += id_len;
         let name = String::from_utf8_lossy(&buf[p..p + name_len]).into_owned();
@@ -105,7 +123,7 @@ pub fn parse_table(buf: &[u8], count: u32, version: u32, default_size: u64) -> R
             extra_tail,
         });
     }
-    Ok(out)
+    Ok((out, off))
 }
 
 /// Serializes snapshot entries; QEMU's 24-byte extra data is always written.
@@ -156,7 +174,8 @@ mod tests {
         };
         let b = serialize_table(&[s.clone(), s.clone()]);
         assert_eq!(b.len() % 8, 0);
-        let back = parse_table(&b, 2, 3, 0).expect("parse");
+        let (back, len) = parse_table(&b, 2, 3, 0).expect("parse");
+        assert_eq!(len, b.len());
         assert_eq!(back, vec![s.clone(), s]);
     }
 
