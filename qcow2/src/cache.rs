@@ -19,6 +19,7 @@ pub struct Cache<T> {
     map: HashMap<u64, Slot<T>>,
     capacity: usize,
     tick: u64,
+    dirty: usize,
 }
 
 impl<T> Cache<T> {
@@ -28,6 +29,7 @@ impl<T> Cache<T> {
             map: HashMap::new(),
             capacity: capacity.max(4),
             tick: 0,
+            dirty: 0,
         }
     }
 
@@ -45,9 +47,13 @@ impl<T> Cache<T> {
     pub fn get_mut(&mut self, key: u64) -> Option<&mut T> {
         self.tick += 1;
         let tick = self.tick;
+        let dirty = &mut self.dirty;
         self.map.get_mut(&key).map(|s| {
             s.used = tick;
-            s.dirty = true;
+            if !s.dirty {
+                s.dirty = true;
+                *dirty += 1;
+            }
             &mut s.data
         })
     }
@@ -80,7 +86,9 @@ impl<T> Cache<T> {
 
     /// Drops an entry (dirty or not).
     pub fn remove(&mut self, key: u64) -> Option<T> {
-        self.map.remove(&key).map(|s| s.data)
+        let s = self.map.remove(&key)?;
+        self.dirty -= s.dirty as usize;
+        Some(s.data)
     }
 
     /// Drops every entry whose key lies in `[start, end)`.
@@ -89,12 +97,24 @@ impl<T> Cache<T> {
             // Few candidate keys: probe them rather than scanning the map.
             let mut k = start;
             while k < end {
-                self.map.remove(&k);
+                self.remove(k);
                 k += 512;
             }
         } else {
-            self.map.retain(|k, _| *k < start || *k >= end);
+            let dirty = &mut self.dirty;
+            self.map.retain(|k, s| {
+                let keep = *k < start || *k >= end;
+                if !keep && s.dirty {
+                    *dirty -= 1;
+                }
+                keep
+            });
         }
+    }
+
+    /// Whether any entry is dirty (O(1)).
+    pub fn has_dirty(&self) -> bool {
+        self.dirty > 0
     }
 
     /// Keys of dirty entries, sorted by offset.
@@ -117,13 +137,17 @@ impl<T> Cache<T> {
     /// Marks an entry clean (after it was written).
     pub fn mark_clean(&mut self, key: u64) {
         if let Some(s) = self.map.get_mut(&key) {
-            s.dirty = false;
+            if s.dirty {
+                s.dirty = false;
+                self.dirty -= 1;
+            }
         }
     }
 
     /// Drops everything.
     pub fn clear(&mut self) {
         self.map.clear();
+        self.dirty = 0;
     }
 }
 
@@ -142,9 +166,11 @@ mod tests {
         assert_eq!(c.lru(), Some((512, false)));
         *c.get_mut(512).expect("present") = 9;
         assert_eq!(c.dirty_keys(), vec![512]);
+        assert!(c.has_dirty());
         assert_eq!(c.lru(), Some((1024, false)));
         c.mark_clean(512);
         assert!(c.dirty_keys().is_empty());
+        assert!(!c.has_dirty());
         c.remove_range(0, 1024);
         assert_eq!(c.peek(0), None);
         assert_eq!(c.peek(1024), Some(&2));

@@ -116,7 +116,7 @@ mod tests {
                 len: 4 * 512 - 0x145
             }
         );
-        assert_eq!(L2Entry::host_clusters(raw, 16), Some((0, 1)));
+        assert_eq!(L2Entry::host_clusters(raw, 16), Some((1, 1)));
     }
 
     #[test]

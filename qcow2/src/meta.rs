@@ -261,7 +261,7 @@ impl Meta {
     /// Whether anything awaits writeback.
     pub fn is_dirty(&self) -> bool {
         self.rc.is_dirty()
-            || !self.l2.dirty_keys().is_empty()
+            || self.l2.has_dirty()
             || !self.l1_dirty.is_empty()
             || self.header_dirty
             || !self.pending_release.is_empty()

@@ -160,15 +160,6 @@ impl Refcounts {
         self.table.iter().copied().filter(|&o| o != 0).collect()
     }
 
-    /// Number of table entries up to the last block present.
-    pub fn covered_blocks(&self) -> u64 {
-        self.table
-            .iter()
-            .rposition(|&o| o != 0)
-            .map(|p| p as u64 + 1)
-            .unwrap_or(0)
-    }
-
     /// Largest representable refcount.
     pub fn max(&self) -> u64 {
         rc_max(self.order)
@@ -367,7 +358,7 @@ impl Refcounts {
 
     /// Whether anything awaits writeback.
     pub fn is_dirty(&self) -> bool {
-        self.table_dirty || !self.cache.dirty_keys().is_empty()
+        self.table_dirty || self.cache.has_dirty()
     }
 
     /// Writes dirty blocks, then the table. The caller must `fdatasync`
