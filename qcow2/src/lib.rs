@@ -43,9 +43,15 @@
 //!
 //! So on disk a refcount is never lower than the number of references to a
 //! cluster: a crash at any point can leak clusters (repairable with
-//! `check -r leaks`) but never corrupt the image. Snapshot create, apply and
-//! delete follow the same rule: references are added (and made durable)
-//! before they are used, and dropped only after nothing uses them.
+//! `check -r leaks`) but never corrupt the image.
+//!
+//! Snapshot create, apply and delete, L1 growth, the refcount rebuild of a
+//! dirty image and `check -r` change refcounts *and* COPIED flags at once,
+//! which no ordering of in-place writes can do without a window that
+//! `qemu-img check` reports as corruption. They write a complete new set of
+//! roots (active L1 + L2 copies, snapshot table, refcount table + blocks) to
+//! unused space, `fdatasync`, and switch to it with one write of the
+//! header's fixed fields (a single sector). See `rebuild`.
 
 pub mod backing;
 mod cache;

@@ -257,14 +257,22 @@ impl Refcounts {
         self.busy.iter().any(|&(s, n)| idx >= s && idx < s + n)
     }
 
+    /// First index of `n` free clusters at or after the hint. Everything
+    /// the scan passes over is in use, so the hint moves past it.
     fn find_free(&mut self, file: &File, n: u64) -> Result<u64> {
         let mut start = self.free_hint.max(1);
         let mut i = start;
+        let mut first_free = None;
         loop {
-            if self.in_busy(i) || self.get(file, i)? != 0 {
+            let used = self.in_busy(i) || self.get(file, i)? != 0;
+            if used {
                 i += 1;
                 start = i;
                 continue;
+            }
+            if first_free.is_none() && self.busy.is_empty() {
+                first_free = Some(i);
+                self.free_hint = i;
             }
             if i + 1 - start == n {
                 return Ok(start);
@@ -286,7 +294,7 @@ impl Refcounts {
         }
         self.busy.pop();
         r?;
-        if c <= self.free_hint + 1 {
+        if c == self.free_hint {
             self.free_hint = c + n;
         }
         self.end = self.end.max(c + n);
