@@ -56,31 +56,32 @@ pub struct Args {
     filename: PathBuf,
 }
 
-/// qemu-img's `ImageCheck` JSON object; zero counters are left out as qemu does.
+/// qemu-img's `ImageCheck` JSON object, fields in the order qemu-img prints
+/// them; zero counters are left out as qemu does.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 struct JsonCheck {
     #[serde(skip_serializing_if = "is_zero")]
     image_end_offset: u64,
     #[serde(skip_serializing_if = "is_zero")]
+    compressed_clusters: u64,
+    #[serde(skip_serializing_if = "is_zero")]
     total_clusters: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    corruptions: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    corruptions_fixed: u64,
     check_errors: u64,
     #[serde(skip_serializing_if = "is_zero")]
     leaks: u64,
     #[serde(skip_serializing_if = "is_zero")]
-    corruptions: u64,
-    #[serde(skip_serializing_if = "is_zero")]
     leaks_fixed: u64,
     #[serde(skip_serializing_if = "is_zero")]
-    corruptions_fixed: u64,
-    #[serde(skip_serializing_if = "is_zero")]
     allocated_clusters: u64,
-    #[serde(skip_serializing_if = "is_zero")]
-    fragmented_clusters: u64,
-    #[serde(skip_serializing_if = "is_zero")]
-    compressed_clusters: u64,
     filename: String,
     format: &'static str,
+    #[serde(skip_serializing_if = "is_zero")]
+    fragmented_clusters: u64,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -98,7 +99,14 @@ pub fn run(_g: Global, args: Args) -> CmdResult {
         Repair::All => RepairMode::All,
     });
     let opts = metadata_opts(repair.is_none());
-    let q = qcow2::Qcow2::open(path, &opts).map_err(|e| Failure::lib(path, &e))?;
+    let q = qcow2::Qcow2::open(path, &opts).map_err(|e| match e {
+        qcow2::Error::MarkedCorrupt if repair.is_some() => Failure::file(
+            path,
+            "the image is marked corrupt and cannot be opened read-write, so it cannot be \
+             repaired here (`check` without -r still reports the problems)",
+        ),
+        e => Failure::lib(path, &e),
+    })?;
     let checked = |r: Option<RepairMode>| {
         q.check(r)
             .map_err(|e| Failure::lib_ctx(path, "Check failed", &e))

@@ -100,17 +100,14 @@ pub fn run(g: Global, args: Args) -> CmdResult {
     let target = replace_target(dst)?;
     let tmp = temp_path(&target);
     let _ = fs::remove_file(&tmp);
+    // Zero runs are skipped at the target's allocation granularity.
+    let granule = match out_fmt {
+        ImageFormat::Qcow2 => spec.cluster_size as usize,
+        ImageFormat::Raw => 4096,
+    };
+    let progress = args.progress && !args.quiet;
     let result = create_at(&tmp, out_fmt, &spec, size)
-        .and_then(|()| {
-            copy(
-                input.as_ref(),
-                &tmp,
-                out_fmt,
-                src,
-                dst,
-                args.progress && !args.quiet,
-            )
-        })
+        .and_then(|()| copy(input.as_ref(), &tmp, out_fmt, granule, src, dst, progress))
         .and_then(|()| {
             fs::rename(&tmp, &target).map_err(|e| Failure::file(dst, format!("rename: {e}")))
         });
@@ -134,6 +131,7 @@ fn copy(
     input: &dyn BlockImage,
     tmp: &Path,
     fmt: ImageFormat,
+    granule: usize,
     src: &Path,
     dst: &Path,
     progress: bool,
@@ -153,9 +151,9 @@ fn copy(
         input
             .read_at(chunk, off)
             .map_err(|e| Failure::lib_ctx(src, "error while reading", &e))?;
-        if chunk.iter().any(|&b| b != 0) {
+        for (at, run) in nonzero_runs(chunk, granule) {
             output
-                .write_at(chunk, off)
+                .write_at(run, off + at as u64)
                 .map_err(|e| Failure::lib_ctx(dst, "error while writing", &e))?;
         }
         off += n as u64;
@@ -172,13 +170,63 @@ fn copy(
     Ok(())
 }
 
+/// The runs of `buf` (as offset and bytes) made of `granule`-sized pieces
+/// that are not all zeros; all-zero pieces between them are left out.
+fn nonzero_runs(buf: &[u8], granule: usize) -> Vec<(usize, &[u8])> {
+    let granule = granule.max(1);
+    let mut runs = Vec::new();
+    let mut start: Option<usize> = None;
+    let mut pos = 0;
+    while pos < buf.len() {
+        let end = (pos + granule).min(buf.len());
+        let zero = buf[pos..end].iter().all(|&b| b == 0);
+        match (zero, start) {
+            (false, None) => start = Some(pos),
+            (true, Some(s)) => {
+                runs.push((s, &buf[s..pos]));
+                start = None;
+            }
+            _ => {}
+        }
+        pos = end;
+    }
+    if let Some(s) = start {
+        runs.push((s, &buf[s..]));
+    }
+    runs
+}
+
 fn progress_bar(size: u64) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(size), ProgressDrawTarget::stderr());
     let style = ProgressStyle::with_template(
-        "    ({percent_precise}/100%) [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        "    ({percent_precise}/100%) [{bar:30}] {binary_bytes}/{binary_total_bytes} eta {eta}",
     )
     .map(|s| s.progress_chars("=> "))
     .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style);
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_granules_are_skipped() {
+        let mut buf = vec![0u8; 10];
+        assert!(nonzero_runs(&buf, 2).is_empty());
+        buf[3] = 1;
+        buf[4] = 1;
+        buf[9] = 1;
+        let runs: Vec<(usize, usize)> = nonzero_runs(&buf, 2)
+            .into_iter()
+            .map(|(o, r)| (o, r.len()))
+            .collect();
+        assert_eq!(runs, vec![(2, 4), (8, 2)]);
+        let runs: Vec<(usize, usize)> = nonzero_runs(&buf[..9], 4)
+            .into_iter()
+            .map(|(o, r)| (o, r.len()))
+            .collect();
+        assert_eq!(runs, vec![(0, 8)]);
+    }
 }

@@ -109,10 +109,14 @@ struct FormatSpecific {
 struct Qcow2Specific {
     compat: &'static str,
     compression_type: &'static str,
-    lazy_refcounts: bool,
+    // The v3-only fields are absent for v2 (compat 0.10) images, as in qemu.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lazy_refcounts: Option<bool>,
     refcount_bits: u32,
-    corrupt: bool,
-    extended_l2: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    corrupt: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    extended_l2: Option<bool>,
 }
 
 /// A snapshot as qemu-img's `SnapshotInfo` JSON object.
@@ -202,6 +206,13 @@ pub fn run(g: Global, args: Args) -> CmdResult {
 pub fn collect(path: &Path, fmt: ImageFormat) -> Result<(Info, Vec<SnapshotInfo>), Failure> {
     let meta = std::fs::metadata(path).map_err(|e| Failure::file(path, e.to_string()))?;
     let host_blocks = meta.blocks() * 512;
+    // qemu reports file lengths (and raw sizes) in whole 512-byte sectors.
+    let sectors = |n: u64| n.div_ceil(512) * 512;
+    let file_length = if meta.is_file() {
+        Some(sectors(meta.len()))
+    } else {
+        None
+    };
     let filename = path.display().to_string();
     let file_child = |length: u64, actual: u64| Child {
         name: "file",
@@ -220,7 +231,7 @@ pub fn collect(path: &Path, fmt: ImageFormat) -> Result<(Info, Vec<SnapshotInfo>
     };
     match open(path, Some(fmt), &metadata_opts(true))? {
         Image::Raw(raw) => {
-            let size = raw.size();
+            let size = sectors(raw.size());
             let info = Info {
                 children: vec![file_child(size, host_blocks)],
                 backing_filename_format: None,
@@ -239,6 +250,7 @@ pub fn collect(path: &Path, fmt: ImageFormat) -> Result<(Info, Vec<SnapshotInfo>
         }
         Image::Qcow2(q) => {
             let i = q.info();
+            let v3 = i.version >= 3;
             let full_backing = i.backing_file.as_ref().map(|b| {
                 qcow2::backing::resolve_backing(path, b)
                     .display()
@@ -247,7 +259,10 @@ pub fn collect(path: &Path, fmt: ImageFormat) -> Result<(Info, Vec<SnapshotInfo>
             let snapshots = (!i.snapshots.is_empty())
                 .then(|| i.snapshots.iter().map(JsonSnapshot::from).collect());
             let info = Info {
-                children: vec![file_child(i.file_length, i.actual_size)],
+                children: vec![file_child(
+                    file_length.unwrap_or(i.file_length),
+                    i.actual_size,
+                )],
                 backing_filename_format: i.backing_format.clone(),
                 snapshots,
                 virtual_size: i.virtual_size,
@@ -260,10 +275,10 @@ pub fn collect(path: &Path, fmt: ImageFormat) -> Result<(Info, Vec<SnapshotInfo>
                     data: Qcow2Specific {
                         compat: if i.version >= 3 { "1.1" } else { "0.10" },
                         compression_type: i.compression_type,
-                        lazy_refcounts: i.lazy_refcounts,
+                        lazy_refcounts: v3.then_some(i.lazy_refcounts),
                         refcount_bits: i.refcount_bits,
-                        corrupt: i.corrupt,
-                        extended_l2: false,
+                        corrupt: v3.then_some(i.corrupt),
+                        extended_l2: v3.then_some(false),
                     },
                 }),
                 full_backing_filename: full_backing,
@@ -309,15 +324,19 @@ pub fn human(info: &Info, snaps: &[SnapshotInfo]) -> String {
     if let Some(fs) = &info.format_specific {
         let d = &fs.data;
         s.push_str(&format!(
-            "Format specific information:\n    compat: {}\n    compression type: {}\n    \
-             lazy refcounts: {}\n    refcount bits: {}\n    corrupt: {}\n    extended l2: {}\n",
-            d.compat,
-            d.compression_type,
-            d.lazy_refcounts,
-            d.refcount_bits,
-            d.corrupt,
-            d.extended_l2
+            "Format specific information:\n    compat: {}\n    compression type: {}\n",
+            d.compat, d.compression_type
         ));
+        if let Some(v) = d.lazy_refcounts {
+            s.push_str(&format!("    lazy refcounts: {v}\n"));
+        }
+        s.push_str(&format!("    refcount bits: {}\n", d.refcount_bits));
+        if let Some(v) = d.corrupt {
+            s.push_str(&format!("    corrupt: {v}\n"));
+        }
+        if let Some(v) = d.extended_l2 {
+            s.push_str(&format!("    extended l2: {v}\n"));
+        }
     }
     for child in &info.children {
         let c = &child.info;

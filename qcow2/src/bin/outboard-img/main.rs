@@ -147,7 +147,13 @@ impl Failure {
                     error_chain(source)
                 ),
             ),
-            _ => Failure::file(file, error_chain(e)),
+            _ => {
+                let mut msg = error_chain(e);
+                if msg.contains("probing is off") {
+                    msg.push_str(" [outboard-img: --probe-backing allows probing]");
+                }
+                Failure::file(file, msg)
+            }
         }
     }
 
@@ -219,7 +225,7 @@ pub enum Image {
     /// A raw file or block device.
     Raw(RawImage),
     /// A qcow2 image.
-    Qcow2(Qcow2),
+    Qcow2(Box<Qcow2>),
 }
 
 /// Opens `path` as `format` (probed when `None`).
@@ -234,7 +240,7 @@ pub fn open(
             .map(Image::Raw)
             .map_err(|e| Failure::lib(path, &e)),
         ImageFormat::Qcow2 => Qcow2::open(path, opts)
-            .map(Image::Qcow2)
+            .map(|q| Image::Qcow2(Box::new(q)))
             .map_err(|e| Failure::lib(path, &e)),
     }
 }
@@ -283,44 +289,86 @@ pub fn backing_format(
     Ok((path, fmt))
 }
 
-/// Prints JSON indented by four spaces, as qemu-img does.
+/// Prints JSON laid out as qemu-img lays it out: four-space indents, and
+/// empty arrays and objects still split over two lines.
 pub fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Failure> {
-    let mut out = Vec::new();
-    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
-    value
-        .serialize(&mut ser)
-        .map_err(|e| Failure::msg(format!("JSON output: {e}")))?;
-    println!("{}", String::from_utf8_lossy(&out));
+    println!(
+        "{}",
+        to_qemu_json(value).map_err(|e| Failure::msg(format!("JSON output: {e}")))?
+    );
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// `value` as qemu-style JSON text (no trailing newline).
+pub fn to_qemu_json<T: serde::Serialize>(value: &T) -> serde_json::Result<String> {
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, QemuFormatter { indent: 0 });
+    value.serialize(&mut ser)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
 
-    #[test]
-    fn os_error_suffix_is_dropped() {
-        assert_eq!(
-            strip_os_error("read: No such file or directory (os error 2)"),
-            "read: No such file or directory"
-        );
-        assert_eq!(strip_os_error("a (os error 5): b (os error 28)"), "a: b");
-        assert_eq!(strip_os_error("no suffix"), "no suffix");
+/// serde_json formatter reproducing QEMU's JSON pretty printer.
+struct QemuFormatter {
+    indent: usize,
+}
+
+impl QemuFormatter {
+    fn newline<W: ?Sized + std::io::Write>(&self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b"\n")?;
+        for _ in 0..self.indent {
+            w.write_all(b"    ")?;
+        }
+        Ok(())
     }
+}
 
-    #[test]
-    fn source_chain_is_not_repeated() {
-        let e = qcow2::Error::io("read", std::io::Error::from_raw_os_error(libc::EIO));
-        assert_eq!(error_chain(&e), "read: Input/output error");
-        let e = qcow2::Error::BackingOpen {
-            path: "base.qcow2".into(),
-            source: Box::new(qcow2::Error::NotQcow2),
-        };
-        assert_eq!(
-            error_chain(&e),
-            "backing file base.qcow2: not a qcow2 image (bad magic)"
-        );
+impl serde_json::ser::Formatter for QemuFormatter {
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.indent += 1;
+        w.write_all(b"[")
+    }
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.indent -= 1;
+        self.newline(w)?;
+        w.write_all(b"]")
+    }
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if !first {
+            w.write_all(b",")?;
+        }
+        self.newline(w)
+    }
+    fn end_array_value<W: ?Sized + std::io::Write>(&mut self, _w: &mut W) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.indent += 1;
+        w.write_all(b"{")
+    }
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.indent -= 1;
+        self.newline(w)?;
+        w.write_all(b"}")
+    }
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if !first {
+            w.write_all(b",")?;
+        }
+        self.newline(w)
+    }
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+    fn end_object_value<W: ?Sized + std::io::Write>(&mut self, _w: &mut W) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -358,5 +406,46 @@ fn main() -> ExitCode {
             }
             ExitCode::from(f.code)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_layout_is_qemus() {
+        let v = serde_json::json!({"a": [], "b": {}, "c": [1, {"d": true}]});
+        assert_eq!(
+            to_qemu_json(&v).ok().as_deref(),
+            Some(
+                "{\n    \"a\": [\n    ],\n    \"b\": {\n    },\n    \"c\": [\n        1,\n        \
+                 {\n            \"d\": true\n        }\n    ]\n}"
+            )
+        );
+    }
+
+    #[test]
+    fn os_error_suffix_is_dropped() {
+        assert_eq!(
+            strip_os_error("read: No such file or directory (os error 2)"),
+            "read: No such file or directory"
+        );
+        assert_eq!(strip_os_error("a (os error 5): b (os error 28)"), "a: b");
+        assert_eq!(strip_os_error("no suffix"), "no suffix");
+    }
+
+    #[test]
+    fn source_chain_is_not_repeated() {
+        let e = qcow2::Error::io("read", std::io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(error_chain(&e), "read: Input/output error");
+        let e = qcow2::Error::BackingOpen {
+            path: "base.qcow2".into(),
+            source: Box::new(qcow2::Error::NotQcow2),
+        };
+        assert_eq!(
+            error_chain(&e),
+            "backing file base.qcow2: not a qcow2 image (bad magic)"
+        );
     }
 }

@@ -88,39 +88,18 @@ pub fn run(g: Global, args: Args) -> CmdResult {
     };
     let start = sz(&args.start_offset)?.unwrap_or(0);
     let max_len = sz(&args.max_length)?;
-    let entries = match fmt {
-        ImageFormat::Raw => {
-            let raw = qcow2::RawImage::open(path, true).map_err(|e| Failure::lib(path, &e))?;
-            let end = range_end(raw.size(), start, max_len);
-            raw_entries(path, start, end)?
-        }
-        ImageFormat::Qcow2 => {
-            let q = Qcow2::open(path, &read_only_opts(g)).map_err(|e| Failure::lib(path, &e))?;
-            let names = chain_names(g, path, &q)?;
-            let end = range_end(q.size(), start, max_len);
-            let extents = q
-                .map(start, end - start)
-                .map_err(|e| Failure::lib_ctx(path, "Could not map the image", &e))?;
-            let bottom = names.len().saturating_sub(1) as u32;
-            extents
-                .into_iter()
-                .map(|e| Entry {
-                    start: e.start,
-                    length: e.length,
-                    depth: e.depth,
-                    present: e.data || (e.zero && e.depth < bottom),
-                    zero: e.zero,
-                    data: e.data,
-                    compressed: e.compressed,
-                    offset: e.offset,
-                    filename: names.get(e.depth as usize).cloned(),
-                })
-                .collect()
-        }
-    };
-    let text = render(entries, args.output).map_err(Failure::msg)?;
+    let size = match fmt {
+        ImageFormat::Raw => qcow2::RawImage::open(path, true).map(|r| r.size()),
+        ImageFormat::Qcow2 => Qcow2::open(path, &metadata_opts(true)).map(|q| q.size()),
+    }
+    .map_err(|e| Failure::lib(path, &e))?;
+    let end = range_end(size, start, max_len);
+    let mut entries = Vec::new();
+    map_chain(g, path, fmt, start, end, 0, &mut entries)?;
+    // Like qemu-img, print what was rendered before an extent it cannot show.
+    let (text, result) = render(entries, args.output);
     print!("{text}");
-    Ok(0)
+    result.map(|()| 0).map_err(Failure::msg)
 }
 
 fn range_end(size: u64, start: u64, max_len: Option<u64>) -> u64 {
@@ -131,26 +110,91 @@ fn range_end(size: u64, start: u64, max_len: Option<u64>) -> u64 {
     end.max(start.min(size))
 }
 
-/// Display names of the chain: FILE, then each backing file as resolved.
-fn chain_names(g: Global, path: &Path, top: &Qcow2) -> Result<Vec<String>, Failure> {
-    let mut names = vec![path.display().to_string()];
-    let mut info = Some(top.info());
-    let mut cur = path.to_path_buf();
-    while let Some(i) = info.take() {
-        let Some(name) = i.backing_file else { break };
-        if names.len() > qcow2::OpenOptions::default().max_backing_depth as usize {
-            break;
-        }
-        let (bpath, bfmt) = backing_format(g, &cur, &name, i.backing_format.as_deref())?;
-        names.push(bpath.display().to_string());
-        if bfmt == ImageFormat::Qcow2 {
-            let q =
-                Qcow2::open(&bpath, &metadata_opts(true)).map_err(|e| Failure::lib(&bpath, &e))?;
-            info = Some(q.info());
-        }
-        cur = bpath;
+/// Maps `[start, end)` of the image at `path` (clipped to its size) into
+/// `out`, following the backing chain for what this image does not hold;
+/// `level` is the image's depth in the chain. Returns the end it covered.
+fn map_chain(
+    g: Global,
+    path: &Path,
+    fmt: ImageFormat,
+    start: u64,
+    end: u64,
+    level: u32,
+    out: &mut Vec<Entry>,
+) -> Result<u64, Failure> {
+    if level > qcow2::OpenOptions::default().max_backing_depth {
+        return Err(Failure::file(path, "backing chain too deep"));
     }
-    Ok(names)
+    if fmt == ImageFormat::Raw {
+        let size = qcow2::RawImage::open(path, true)
+            .map_err(|e| Failure::lib(path, &e))?
+            .size();
+        let end = end.min(size);
+        out.extend(
+            raw_entries(path, start, end)?
+                .into_iter()
+                .map(|e| Entry { depth: level, ..e }),
+        );
+        return Ok(end);
+    }
+    let q = Qcow2::open(path, &read_only_opts(g)).map_err(|e| Failure::lib(path, &e))?;
+    let end = end.min(q.size());
+    if start >= end {
+        return Ok(end);
+    }
+    let info = q.info();
+    let backing = match &info.backing_file {
+        Some(name) => Some(backing_format(
+            g,
+            path,
+            name,
+            info.backing_format.as_deref(),
+        )?),
+        None => None,
+    };
+    let extents = q
+        .map(start, end - start)
+        .map_err(|e| Failure::lib_ctx(path, "Could not map", &e))?;
+    drop(q);
+    let name = path.display().to_string();
+    for e in extents {
+        let here = |start: u64, length: u64, present: bool| Entry {
+            start,
+            length,
+            depth: level,
+            present,
+            zero: e.zero,
+            data: e.data,
+            compressed: e.compressed,
+            offset: e.offset,
+            filename: Some(name.clone()),
+        };
+        match &backing {
+            Some((bpath, bfmt)) if e.depth > 0 => {
+                let e_end = e.start + e.length;
+                let covered = map_chain(g, bpath, *bfmt, e.start, e_end, level + 1, out)?;
+                let from = covered.max(e.start);
+                if from < e_end {
+                    // Past the end of the backing file: unallocated zeros.
+                    out.push(Entry {
+                        zero: true,
+                        data: false,
+                        compressed: false,
+                        offset: None,
+                        ..here(from, e_end - from, false)
+                    });
+                }
+            }
+            // Explicit zero clusters count as present only above a backing file
+            // (at the bottom they look like unallocated clusters).
+            _ => out.push(here(
+                e.start,
+                e.length,
+                e.data || (e.zero && backing.is_some()),
+            )),
+        }
+    }
+    Ok(end)
 }
 
 fn raw_entry(start: u64, length: u64, data: bool, file: &Path) -> Entry {
@@ -282,15 +326,22 @@ fn dump(
     Ok(())
 }
 
-/// The whole `map` output, merging adjacent extents as qemu-img does.
-pub fn render(entries: Vec<Entry>, fmt: OutputFormat) -> Result<String, String> {
-    let mut out = match fmt {
-        OutputFormat::Human => format!(
+/// The whole `map` output, merging adjacent extents as qemu-img does; on an
+/// extent the human format cannot show, the text so far and the error.
+pub fn render(entries: Vec<Entry>, fmt: OutputFormat) -> (String, Result<(), String>) {
+    let mut out = String::new();
+    let result = render_into(&mut out, entries, fmt);
+    (out, result)
+}
+
+fn render_into(out: &mut String, entries: Vec<Entry>, fmt: OutputFormat) -> Result<(), String> {
+    match fmt {
+        OutputFormat::Human => out.push_str(&format!(
             "{:<16}{:<16}{:<16}{}\n",
             "Offset", "Length", "Mapped to", "File"
-        ),
-        OutputFormat::Json => "[".to_string(),
-    };
+        )),
+        OutputFormat::Json => out.push('['),
+    }
     let mut curr: Option<Entry> = None;
     for mut next in entries {
         if let Some(c) = curr.as_mut() {
@@ -298,17 +349,17 @@ pub fn render(entries: Vec<Entry>, fmt: OutputFormat) -> Result<String, String> 
                 c.length += next.length;
                 continue;
             }
-            dump(&mut out, fmt, c, Some(&mut next))?;
+            dump(out, fmt, c, Some(&mut next))?;
         }
         curr = Some(next);
     }
     if let Some(c) = &curr {
-        dump(&mut out, fmt, c, None)?;
+        dump(out, fmt, c, None)?;
     }
     if fmt == OutputFormat::Json {
         out.push_str("]\n");
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -353,21 +404,25 @@ mod tests {
         ];
         assert_eq!(
             render(list.clone(), OutputFormat::Human),
-            Ok("Offset          Length          Mapped to       File\n\
+            (
+                "Offset          Length          Mapped to       File\n\
                 0               0x100000        0x50000         top.qcow2\n\
                 0x800000        0x20000         0x50000         base.qcow2\n"
-                .to_string())
+                    .to_string(),
+                Ok(())
+            )
         );
         assert_eq!(
             render(list, OutputFormat::Json),
-            Ok(
+            (
                 "[{ \"start\": 0, \"length\": 1048576, \"depth\": 0, \"present\": true, \"zero\": \
                 false, \"data\": true, \"compressed\": false, \"offset\": 327680},\n\
                 { \"start\": 1048576, \"length\": 1048576, \"depth\": 1, \"present\": true, \
                 \"zero\": true, \"data\": false, \"compressed\": false},\n\
                 { \"start\": 8388608, \"length\": 131072, \"depth\": 1, \"present\": true, \
                 \"zero\": false, \"data\": true, \"compressed\": false, \"offset\": 327680}]\n"
-                    .to_string()
+                    .to_string(),
+                Ok(())
             )
         );
     }
@@ -376,6 +431,8 @@ mod tests {
     fn human_refuses_compressed_data() {
         let mut c = e(0, 0x10000, 0, true, false, None);
         c.compressed = true;
-        assert!(render(vec![c], OutputFormat::Human).is_err());
+        let (text, result) = render(vec![c], OutputFormat::Human);
+        assert!(text.starts_with("Offset"));
+        assert!(result.is_err());
     }
 }
