@@ -92,6 +92,8 @@ pub struct Qcow2 {
     pub(crate) gate: RwLock<()>,
     dirty_at_open: bool,
     compression: CompressionType,
+    /// The header's corrupt bit (set: only `check -r all` may write).
+    marked_corrupt: std::sync::atomic::AtomicBool,
 }
 
 thread_local! {
@@ -136,7 +138,8 @@ impl Qcow2 {
             read_or_zero(&file, &mut first, 0)?;
             header = Header::parse(&first, file_len)?;
         }
-        if header.incompatible_features & INCOMPAT_CORRUPT != 0 && !opts.read_only {
+        let marked_corrupt = header.incompatible_features & INCOMPAT_CORRUPT != 0;
+        if marked_corrupt && !opts.read_only && !opts.repair {
             return Err(Error::MarkedCorrupt);
         }
         let geo = Geo::new(header.cluster_bits);
@@ -196,8 +199,9 @@ impl Qcow2 {
             gate: RwLock::new(()),
             dirty_at_open,
             compression,
+            marked_corrupt: marked_corrupt.into(),
         };
-        if !opts.read_only {
+        if !opts.read_only && !marked_corrupt {
             img.open_fixups()?;
         }
         Ok(img)
@@ -381,9 +385,7 @@ impl Qcow2 {
 
     /// Writes guest bytes (copy-on-write for shared clusters).
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        if self.read_only {
-            return Err(Error::ReadOnly);
-        }
+        self.check_writable()?;
         let _g = self.gate.read();
         check_range(offset, buf.len() as u64, self.size())?;
         let mut pos = 0usize;
@@ -507,9 +509,7 @@ impl Qcow2 {
     }
 
     fn unmap(&self, offset: u64, len: u64, zero: bool) -> Result<()> {
-        if self.read_only {
-            return Err(Error::ReadOnly);
-        }
+        self.check_writable()?;
         check_range(offset, len, self.size())?;
         let cs = self.geo.cs;
         let end = offset + len;
@@ -596,9 +596,7 @@ impl Qcow2 {
 
     /// Grows the virtual disk to `new_size` bytes (a multiple of 512).
     pub fn resize(&self, new_size: u64) -> Result<()> {
-        if self.read_only {
-            return Err(Error::ReadOnly);
-        }
+        self.check_writable()?;
         let _g = self.gate.write();
         let mut m = self.meta.lock();
         let old = m.header.size;
@@ -654,10 +652,18 @@ impl Qcow2 {
         self.whole_image_op(|m| crate::rebuild::snapshot_delete(&self.file, m, id_or_name))
     }
 
-    fn whole_image_op<T>(&self, f: impl FnOnce(&mut Meta) -> Result<T>) -> Result<T> {
+    fn check_writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        if self.marked_corrupt.load(Ordering::Relaxed) {
+            return Err(Error::MarkedCorrupt);
+        }
+        Ok(())
+    }
+
+    fn whole_image_op<T>(&self, f: impl FnOnce(&mut Meta) -> Result<T>) -> Result<T> {
+        self.check_writable()?;
         let _g = self.gate.write();
         let mut m = self.meta.lock();
         m.writeback(&self.file)?;
@@ -674,7 +680,15 @@ impl Qcow2 {
         let _g = self.gate.write();
         let mut m = self.meta.lock();
         m.writeback(&self.file)?;
-        crate::rebuild::check(&self.file, &mut m, repair)
+        let report = crate::rebuild::check(&self.file, &mut m, repair)?;
+        let clean = report.corruptions == report.corruptions_fixed && report.check_errors == 0;
+        if repair == Some(RepairMode::All) && clean && self.marked_corrupt.load(Ordering::Relaxed) {
+            m.header.incompatible_features &= !INCOMPAT_CORRUPT;
+            m.write_header(&self.file)?;
+            sync(&self.file)?;
+            self.marked_corrupt.store(false, Ordering::Relaxed);
+        }
+        Ok(report)
     }
 
     /// Allocation map of `[offset, offset+len)`.

@@ -17,6 +17,9 @@ pub struct OpenOptions {
     pub refcount_cache_bytes: Option<u64>,
     /// Open the file with O_DIRECT.
     pub direct: bool,
+    /// Open an image marked corrupt read-write so that `check -r all` can
+    /// repair it (and clear the mark); guest writes stay refused until then.
+    pub repair: bool,
 }
 
 impl Default for OpenOptions {
@@ -29,6 +32,7 @@ impl Default for OpenOptions {
             l2_cache_bytes: None,
             refcount_cache_bytes: None,
             direct: false,
+            repair: false,
         }
     }
 }

@@ -46,6 +46,10 @@ impl State {
     }
 }
 
+/// Largest file (in clusters) whose refcounts are rebuilt in memory: 4 bytes
+/// each, so 1 GiB of counters (16 TiB of image at 64 KiB clusters).
+const MAX_WALK_CLUSTERS: u64 = 1 << 28;
+
 /// Reference counts gathered by walking metadata.
 struct Refs {
     counts: Vec<u32>,
@@ -54,12 +58,17 @@ struct Refs {
 }
 
 impl Refs {
-    fn new(end: u64, cluster_bits: u32) -> Refs {
-        Refs {
+    fn new(end: u64, cluster_bits: u32) -> Result<Refs> {
+        if end > MAX_WALK_CLUSTERS {
+            return Err(Error::Unsupported(format!(
+                "image file of {end} clusters is too large for a refcount walk"
+            )));
+        }
+        Ok(Refs {
             counts: vec![0; end as usize],
             cluster_bits,
             errors: Vec::new(),
-        }
+        })
     }
 
     fn add(&mut self, first: u64, n: u64, what: &str) {
@@ -151,7 +160,7 @@ pub fn commit(file: &File, m: &mut Meta, state: State) -> Result<()> {
     let cb = geo.cluster_bits;
     let order = m.header.refcount_order;
     let base = m.rc.end().max(1);
-    let mut refs = Refs::new(base, cb);
+    let mut refs = Refs::new(base, cb)?;
     refs.counts[0] = 1; // the header
     for s in &state.snapshots {
         refs.add_bytes(s.l1_table_offset, s.l1_size as u64 * 8, "snapshot L1 table");
@@ -160,7 +169,7 @@ pub fn commit(file: &File, m: &mut Meta, state: State) -> Result<()> {
     }
     // Active L2 tables are read, their data counted, and copied below.
     let mut tables: Vec<(usize, Vec<u64>)> = Vec::new();
-    let mut scratch = Refs::new(base, cb);
+    let mut scratch = Refs::new(base, cb)?;
     for (i, &e) in state.active_l1.iter().enumerate() {
         if e & entry::OFFSET_MASK == 0 {
             continue;
@@ -400,7 +409,7 @@ fn scan(file: &File, m: &mut Meta) -> Result<CheckReport> {
     let cb = geo.cluster_bits;
     let mut r = CheckReport::default();
     let end = m.rc.end().max(1);
-    let mut refs = Refs::new(end, cb);
+    let mut refs = Refs::new(end, cb)?;
     refs.counts[0] = 1;
     let h = m.header.clone();
     refs.add_bytes(h.l1_table_offset, h.l1_size as u64 * 8, "L1 table");

@@ -420,7 +420,7 @@ mod tests {
         for order in 0..=6 {
             w.fill(0);
             let max = rc_max(order);
-            let n = 64 * 8 >> order;
+            let n = (64 * 8) >> order;
             for i in 0..n {
                 rc_set(&mut w, i, order, (i as u64 * 7) & max);
             }

@@ -124,3 +124,43 @@ fn dirty_image_gets_refcounts_rebuilt_on_open() {
             .dirty
     );
 }
+
+#[test]
+fn image_marked_corrupt_is_repaired_only_through_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = leaky_image(dir.path());
+    let p = path.to_str().expect("utf8");
+    // Set the corrupt bit, as QEMU does when it finds overlapping metadata.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open file");
+    let mut inc = [0u8; 8];
+    f.read_exact_at(&mut inc, 72).expect("read features");
+    let bits = u64::from_be_bytes(inc) | 2;
+    f.write_all_at(&bits.to_be_bytes(), 72)
+        .expect("set corrupt bit");
+    drop(f);
+    assert!(matches!(
+        Qcow2::open(&path, &OpenOptions::default()),
+        Err(qcow2::Error::MarkedCorrupt)
+    ));
+    let opts = OpenOptions {
+        repair: true,
+        ..Default::default()
+    };
+    let img = Qcow2::open(&path, &opts).expect("open for repair");
+    assert!(matches!(
+        img.write_at(&[1], 0),
+        Err(qcow2::Error::MarkedCorrupt)
+    ));
+    let report = img.check(Some(RepairMode::All)).expect("repair");
+    assert_eq!(report.exit_code(), 0, "{report:?}");
+    img.write_at(&[1], 0).expect("writable after repair");
+    drop(img);
+    let (code, text) = qemu_img(&["check", p]);
+    assert_eq!(code, 0, "{text}");
+    let (_, info) = qemu_img(&["info", p]);
+    assert!(info.contains("corrupt: false"), "{info}");
+}

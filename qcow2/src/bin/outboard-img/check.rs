@@ -98,15 +98,12 @@ pub fn run(_g: Global, args: Args) -> CmdResult {
         Repair::Leaks => RepairMode::Leaks,
         Repair::All => RepairMode::All,
     });
-    let opts = metadata_opts(repair.is_none());
-    let q = qcow2::Qcow2::open(path, &opts).map_err(|e| match e {
-        qcow2::Error::MarkedCorrupt if repair.is_some() => Failure::file(
-            path,
-            "the image is marked corrupt and cannot be opened read-write, so it cannot be \
-             repaired here (`check` without -r still reports the problems)",
-        ),
-        e => Failure::lib(path, &e),
-    })?;
+    let opts = qcow2::OpenOptions {
+        // An image marked corrupt may be opened read-write for repair only.
+        repair: repair.is_some(),
+        ..metadata_opts(repair.is_none())
+    };
+    let q = qcow2::Qcow2::open(path, &opts).map_err(|e| Failure::lib(path, &e))?;
     let checked = |r: Option<RepairMode>| {
         q.check(r)
             .map_err(|e| Failure::lib_ctx(path, "Check failed", &e))
