@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# scripts/test.sh — THE test command for Outboard (CI runs exactly this via .ci/run).
+#
+# 1. installs the system packages the tests need (apt-get; skipped when present),
+# 2. checks the Rust tools (cargo, rustfmt, clippy, cargo-nextest),
+# 3. runs: cargo fmt --check, cargo clippy -D warnings, the doc tests, and every
+#    test of the workspace with cargo-nextest (falls back to `cargo test` when
+#    nextest is missing),
+# 4. prints a summary and exits non-zero if any step failed.
+#
+# All steps run even if an earlier one fails, so one run shows every problem.
+# Tests build with the `ci` cargo profile of the root Cargo.toml (dev + opt-level 1).
+# Works as root on a fresh Debian 12 machine with CI=true and no stdin.
+# OUTBOARD_NO_NEXTEST=1 forces the `cargo test` fallback.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
+
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    exit 0
+fi
+(($# == 0)) || die "scripts/test.sh takes no arguments (see --help)"
+
+export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+
+START=$SECONDS
+
+# --- 1. system packages -------------------------------------------------------
+ensure_apt_packages "${OUTBOARD_APT_PACKAGES[@]}"
+
+# --- 2. Rust tools --------------------------------------------------------------
+require_cmd cargo "install the Rust toolchain (rustup) first"
+cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component add rustfmt"
+cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component add clippy"
+if [[ "${OUTBOARD_NO_NEXTEST:-0}" != 1 ]] && cargo nextest --version >/dev/null 2>&1; then
+    HAVE_NEXTEST=1
+else
+    HAVE_NEXTEST=0
+    log "cargo-nextest not found: falling back to 'cargo test' (install: cargo install --locked cargo-nextest)"
+fi
+
+log "toolchain: $(rustc --version), $(cargo --version)"
+if ((HAVE_NEXTEST)); then
+    log "nextest: $(cargo nextest --version 2>/dev/null | sed -n 1p)"
+fi
+log "qemu-img: $(qemu-img --version | sed -n 1p)"
+
+# --- 3. steps -----------------------------------------------------------------
+STEP_NAMES=()
+STEP_RESULTS=()
+STEP_TIMES=()
+FAILED=0
+
+# step NAME CMD...: run CMD, record its result and duration; never aborts the script.
+step() {
+    local name=$1 t0=$SECONDS rc=0
+    shift
+    printf '\n==> [%s] %s\n' "$name" "$*" >&2
+    "$@" || rc=$?
+    STEP_NAMES+=("$name")
+    STEP_TIMES+=("$((SECONDS - t0))")
+    if ((rc == 0)); then
+        STEP_RESULTS+=("ok")
+    else
+        STEP_RESULTS+=("FAILED (exit $rc)")
+        FAILED=1
+    fi
+}
+
+step fmt cargo fmt --all --check
+step clippy cargo clippy --profile ci --workspace --all-targets -- -D warnings
+
+if ((HAVE_NEXTEST)); then
+    NEXTEST_CONFIG="$ROOT/.config/nextest.toml"
+    [[ -f "$NEXTEST_CONFIG" ]] || NEXTEST_CONFIG="$ROOT/scripts/nextest.toml"
+    # Doc tests first (nextest can't run them), so nextest's summary closes the log.
+    step doctests cargo test --profile ci --workspace --doc
+    step tests cargo nextest run --cargo-profile ci \
+        --config-file "$NEXTEST_CONFIG" --workspace --no-fail-fast --no-tests fail
+else
+    # cargo test runs unit, integration and doc tests in one go.
+    step tests cargo test --profile ci --workspace --no-fail-fast
+fi
+
+# --- 4. summary -----------------------------------------------------------------
+printf '\n==> scripts/test.sh summary\n'
+for i in "${!STEP_NAMES[@]}"; do
+    printf '    %-10s %-18s %5ss\n' "${STEP_NAMES[$i]}" "${STEP_RESULTS[$i]}" "${STEP_TIMES[$i]}"
+done
+TOTAL=$((SECONDS - START))
+if ((FAILED)); then
+    printf '==> scripts/test.sh: FAILED after %ss (see the steps marked FAILED above)\n' "$TOTAL"
+    exit 1
+fi
+printf '==> scripts/test.sh: all steps ok in %ss\n' "$TOTAL"
