@@ -204,19 +204,33 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     }
 }
 
+/// Hard limit on backing chain length, whatever the options say (deeper
+/// chains would exhaust the stack of the thread opening them).
+pub const MAX_BACKING_DEPTH: u32 = 64;
+
 /// Opens the backing file of `image` for reading, following the chain.
+/// `chain` holds the canonical paths of the images above it (loop detection).
 pub(crate) fn open_backing(
     image: &Path,
     name: &str,
     format: Option<&str>,
     opts: &OpenOptions,
+    chain: &mut Vec<PathBuf>,
 ) -> Result<Box<dyn BlockImage>> {
     let path = resolve_backing(image, name);
-    if opts.max_backing_depth == 0 {
+    if opts.max_backing_depth == 0 || chain.len() > MAX_BACKING_DEPTH as usize {
         return Err(Error::Backing {
             path,
             reason: "backing chain too deep".into(),
         });
+    }
+    if let Ok(canon) = path.canonicalize() {
+        if chain.contains(&canon) {
+            return Err(Error::Backing {
+                path,
+                reason: "backing chain loops".into(),
+            });
+        }
     }
     let fmt = match format {
         Some(f) => ImageFormat::parse(f).map_err(|e| Error::Backing {
@@ -241,7 +255,13 @@ pub(crate) fn open_backing(
         refcount_cache_bytes: Some(64 << 10),
         ..opts.clone()
     };
-    open_image(&path, Some(fmt), &child).map_err(|e| Error::BackingOpen {
+    let opened: Result<Box<dyn BlockImage>> = match fmt {
+        ImageFormat::Raw => RawImage::open(&path, true).map(|r| Box::new(r) as Box<dyn BlockImage>),
+        ImageFormat::Qcow2 => {
+            Qcow2::open_in_chain(&path, &child, chain).map(|q| Box::new(q) as Box<dyn BlockImage>)
+        }
+    };
+    opened.map_err(|e| Error::BackingOpen {
         path,
         source: Box::new(e),
     })

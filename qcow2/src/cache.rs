@@ -74,14 +74,15 @@ impl<T> Cache<T> {
     /// Inserts (or replaces) an entry. The caller evicts first when full.
     pub fn insert(&mut self, key: u64, data: T, dirty: bool) {
         self.tick += 1;
-        self.map.insert(
-            key,
-            Slot {
-                data,
-                dirty,
-                used: self.tick,
-            },
-        );
+        let slot = Slot {
+            data,
+            dirty,
+            used: self.tick,
+        };
+        self.dirty += dirty as usize;
+        if let Some(old) = self.map.insert(key, slot) {
+            self.dirty -= old.dirty as usize;
+        }
     }
 
     /// Drops an entry (dirty or not).
@@ -170,6 +171,17 @@ mod tests {
         assert_eq!(c.lru(), Some((1024, false)));
         c.mark_clean(512);
         assert!(c.dirty_keys().is_empty());
+        assert!(!c.has_dirty());
+        c.insert(4096, 7, true);
+        c.insert(4096, 8, true);
+        assert_eq!(c.dirty_keys(), vec![4096]);
+        c.insert(4096, 9, false);
+        assert!(!c.has_dirty());
+        c.insert(8192, 1, true);
+        assert_eq!(c.remove(8192), Some(1));
+        assert!(!c.has_dirty());
+        c.insert(8192, 1, true);
+        c.remove_range(8192, 8704);
         assert!(!c.has_dirty());
         c.remove_range(0, 1024);
         assert_eq!(c.peek(0), None);

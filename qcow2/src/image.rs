@@ -115,6 +115,15 @@ enum Source {
 impl Qcow2 {
     /// Opens an image.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Qcow2> {
+        Qcow2::open_in_chain(path, opts, &mut Vec::new())
+    }
+
+    /// Opens an image that is part of a backing chain below `chain`.
+    pub(crate) fn open_in_chain(
+        path: &Path,
+        opts: &OpenOptions,
+        chain: &mut Vec<PathBuf>,
+    ) -> Result<Qcow2> {
         if opts.direct {
             return Err(Error::Unsupported(
                 "O_DIRECT through the library data path".into(),
@@ -166,7 +175,8 @@ impl Qcow2 {
         let backing = match (&header.backing_file, opts.open_backing) {
             (Some(name), true) => {
                 let fmt = header.backing_format();
-                Some(open_backing(path, name, fmt.as_deref(), opts)?)
+                chain.push(path.canonicalize().unwrap_or_else(|_| path.to_path_buf()));
+                Some(open_backing(path, name, fmt.as_deref(), opts, chain)?)
             }
             _ => None,
         };
@@ -615,6 +625,12 @@ impl Qcow2 {
             return Err(Error::InvalidArgument(format!(
                 "size {new_size} is too large"
             )));
+        }
+        if m.header.version < 3 && !m.snapshots.is_empty() {
+            // As qemu-img: v2 snapshots do not record their disk size.
+            return Err(Error::Unsupported(
+                "resizing a v2 image that has snapshots".into(),
+            ));
         }
         m.writeback(&self.file)?;
         if needed <= m.l1.len() as u64 {

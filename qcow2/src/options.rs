@@ -9,7 +9,8 @@ pub struct OpenOptions {
     pub open_backing: bool,
     /// Allow guessing the backing file format when the image does not name it.
     pub probe_backing_format: bool,
-    /// Maximum length of a backing chain (the image itself not counted).
+    /// Maximum length of a backing chain (the image itself not counted);
+    /// never more than [`crate::backing::MAX_BACKING_DEPTH`].
     pub max_backing_depth: u32,
     /// L2 cache size in bytes; `None`: enough for the whole disk up to 64 GiB.
     pub l2_cache_bytes: Option<u64>,
