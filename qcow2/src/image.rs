@@ -363,10 +363,8 @@ impl Qcow2 {
                 Ok(())
             }
             Source::Backing => self.read_backing(buf, off),
-            Source::Host(h) => self
-                .file
-                .read_exact_at(buf, h)
-                .map_err(|e| Error::io("read", e)),
+            // Bytes of a cluster past the end of the file read as zeros.
+            Source::Host(h) => read_or_zero(&self.file, buf, h),
             Source::Compressed { host, len } => {
                 let in_c = (off & (self.geo.cs - 1)) as usize;
                 self.read_compressed(host, len, buf, in_c)
@@ -439,12 +437,15 @@ impl Qcow2 {
         }
         // Allocate a new cluster; COW the rest of it from the old mapping.
         m.ensure_l2_writable(&self.file, gc)?;
+        // A cluster past everything ever allocated is a hole: it reads as zeros.
+        let end_before = m.rc.end();
         let new_idx = m.rc.alloc(&self.file, 1)?;
+        let fresh = new_idx >= end_before;
         let host = new_idx << self.geo.cluster_bits;
         m.inflight.insert(gc);
         drop(m);
         let n = (cs - in_c).min(buf.len() as u64) as usize;
-        let res = self.fill_new_cluster(old, gc, host, &buf[..n], in_c as usize);
+        let res = self.fill_new_cluster(old, gc, host, &buf[..n], in_c as usize, fresh);
         let mut m = self.meta.lock();
         m.inflight.remove(&gc);
         let res = res.and_then(|()| {
@@ -463,7 +464,8 @@ impl Qcow2 {
         res.map(|()| n)
     }
 
-    /// Writes a whole new cluster at `host`: `data` at `in_c`, the rest from `old`.
+    /// Writes a new cluster at `host`: `data` at `in_c`, the rest from `old`
+    /// (skipped when `fresh`, i.e. past the end of the file, and `old` reads as zeros).
     fn fill_new_cluster(
         &self,
         old: L2Entry,
@@ -471,12 +473,19 @@ impl Qcow2 {
         host: u64,
         data: &[u8],
         in_c: usize,
+        fresh: bool,
     ) -> Result<()> {
         let cs = self.geo.cs as usize;
-        if data.len() == cs {
+        let zero_source = match old {
+            L2Entry::Zero(_) => true,
+            L2Entry::Unallocated => self.backing.is_none(),
+            _ => false,
+        };
+        if data.len() == cs || (fresh && zero_source) {
+            // Nothing to copy: the rest of a fresh cluster already reads as zeros.
             return self
                 .file
-                .write_all_at(data, host)
+                .write_all_at(data, host + in_c as u64)
                 .map_err(|e| Error::io("write", e));
         }
         let mut cluster = COW_BUF.with(|c| std::mem::take(&mut *c.borrow_mut()));
