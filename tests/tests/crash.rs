@@ -165,7 +165,13 @@ struct ChildRun {
 fn run_child(path: &Path, seed: u64, cluster: u64, kill_after: Duration) -> ChildRun {
     let exe = std::env::current_exe().expect("current_exe");
     let mut child = Command::new(exe)
-        .args(["--exact", CHILD_TEST, "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            CHILD_TEST,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, format!("{};{seed};{cluster}", path.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
