@@ -1,0 +1,193 @@
+//! Command line (QEMU's vhost-user backend program conventions plus our
+//! options) and its validation into a [`Config`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Image formats on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// A plain file or block device.
+    Raw,
+    /// A qcow2 image (backing files and internal snapshots included).
+    Qcow2,
+    /// Guess from the file's first bytes (only for images you trust).
+    Auto,
+}
+
+/// Cache modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CacheArg {
+    /// Writes complete when the host has them; FLUSH makes them durable.
+    Writeback,
+    /// Every write is durable before it completes.
+    Writethrough,
+}
+
+/// vhost-user block backend: serves a raw file, block device or qcow2 image
+/// to a vhost-user frontend (QEMU, Cloud Hypervisor, Firecracker, libblkio).
+#[derive(Debug, Parser)]
+#[command(
+    name = "vhost-user-blk",
+    version,
+    after_help = "Examples:\n  \
+        vhost-user-blk --socket-path /run/vm0-disk.sock --blk-file disk.img\n  \
+        vhost-user-blk --socket-path /run/vm0.sock --blk-file vm0.qcow2 --format qcow2 \\\n      \
+        --num-queues 4 --control-socket /run/vm0-ctl.sock\n  \
+        qemu-system-x86_64 ... -chardev socket,id=c0,path=/run/vm0.sock \\\n      \
+        -device vhost-user-blk-pci,chardev=c0,num-queues=4\n\n\
+        The daemon listens on the socket, serves one frontend at a time, and listens again when \
+        it disconnects. SIGTERM finishes in-flight requests, flushes and exits."
+)]
+pub struct Args {
+    /// Print the backend's capabilities as JSON (for QEMU) and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+    /// Unix socket to listen on, e.g. /run/vm0-disk.sock (a stale socket file is replaced).
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+    /// An already listening unix socket inherited from the parent, e.g. --fd 3.
+    #[arg(long, value_name = "FDNUM")]
+    pub fd: Option<i32>,
+    /// The disk image or block device to serve.
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "print_capabilities"
+    )]
+    pub blk_file: Option<PathBuf>,
+    /// Image format; "auto" probes and should only be used for trusted images.
+    #[arg(long, value_enum, default_value_t = FormatArg::Raw)]
+    pub format: FormatArg,
+    /// Serve the disk read-only (writes fail; the guest sees a read-only disk).
+    #[arg(long)]
+    pub read_only: bool,
+    /// Number of request queues (one worker thread each), 1 to 64.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub num_queues: u16,
+    /// Entries per queue, a power of two from 2 to 32768.
+    #[arg(long, default_value_t = 256)]
+    pub queue_size: u16,
+    /// Serial number the guest reads with GET_ID (at most 20 bytes), e.g. --serial vm0-root.
+    #[arg(long, value_name = "STRING", default_value = "")]
+    pub serial: String,
+    /// Open raw images with O_DIRECT (bypass the host page cache).
+    #[arg(long)]
+    pub direct: bool,
+    /// Cache mode the guest starts with (it may switch it via CONFIG_WCE).
+    #[arg(long, value_enum, default_value_t = CacheArg::Writeback)]
+    pub cache: CacheArg,
+    /// Busy-poll the queue this many microseconds after each batch (0: off).
+    /// Lowers QD1 latency at the cost of CPU, e.g. --poll-us 50.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub poll_us: u64,
+    /// Control socket for stats, live snapshots and resize (JSON lines), e.g. /run/vm0-ctl.sock.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, default_value = "info")]
+    pub log_level: log::LevelFilter,
+}
+
+/// Where the daemon listens.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    /// Bind this path.
+    Path(PathBuf),
+    /// Use this inherited fd.
+    Fd(i32),
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listening socket.
+    pub listen: Listen,
+    /// Image.
+    pub blk_file: PathBuf,
+    /// Format (None: probe).
+    pub format: Option<qcow2::ImageFormat>,
+    /// Read-only.
+    pub read_only: bool,
+    /// Queues.
+    pub num_queues: u16,
+    /// Queue size.
+    pub queue_size: u16,
+    /// Serial.
+    pub serial: Vec<u8>,
+    /// O_DIRECT.
+    pub direct: bool,
+    /// Writeback cache at start.
+    pub writeback: bool,
+    /// Poll window.
+    pub poll: Duration,
+    /// Control socket.
+    pub control_socket: Option<PathBuf>,
+}
+
+/// Invalid command lines.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Neither --socket-path nor --fd.
+    #[error("give --socket-path PATH or --fd FDNUM")]
+    NoSocket,
+    /// Missing --blk-file.
+    #[error("give --blk-file PATH")]
+    NoFile,
+    /// Bad queue size.
+    #[error("--queue-size {0} must be a power of two from 2 to 32768")]
+    QueueSize(u16),
+    /// Serial too long.
+    #[error("--serial is {0} bytes; at most 20")]
+    Serial(usize),
+    /// --direct with a non-raw format.
+    #[error("--direct is only supported with --format raw")]
+    Direct,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: Args) -> Result<Config, ConfigError> {
+        let listen = match (a.socket_path, a.fd) {
+            (Some(p), None) => Listen::Path(p),
+            (None, Some(fd)) => Listen::Fd(fd),
+            _ => return Err(ConfigError::NoSocket),
+        };
+        let blk_file = a.blk_file.ok_or(ConfigError::NoFile)?;
+        if !a.queue_size.is_power_of_two() || a.queue_size < 2 {
+            return Err(ConfigError::QueueSize(a.queue_size));
+        }
+        if a.serial.len() > 20 {
+            return Err(ConfigError::Serial(a.serial.len()));
+        }
+        let format = match a.format {
+            FormatArg::Raw => Some(qcow2::ImageFormat::Raw),
+            FormatArg::Qcow2 => Some(qcow2::ImageFormat::Qcow2),
+            FormatArg::Auto => None,
+        };
+        if a.direct && a.format != FormatArg::Raw {
+            return Err(ConfigError::Direct);
+        }
+        Ok(Config {
+            listen,
+            blk_file,
+            format,
+            read_only: a.read_only,
+            num_queues: a.num_queues,
+            queue_size: a.queue_size,
+            serial: a.serial.into_bytes(),
+            direct: a.direct,
+            writeback: a.cache == CacheArg::Writeback,
+            poll: Duration::from_micros(a.poll_us),
+            control_socket: a.control_socket,
+        })
+    }
+}
+
+/// `--print-capabilities` output (QEMU's vhost-user backend conventions).
+pub fn capabilities() -> &'static str {
+    r#"{"type": "block", "features": ["read-only", "blk-file"]}"#
+}

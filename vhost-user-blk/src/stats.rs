@@ -1,0 +1,44 @@
+//! Per-queue counters (atomics: the data path counts, it does not log).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters of one queue.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Requests completed.
+    pub requests: AtomicU64,
+    /// Bytes read by the guest.
+    pub read_bytes: AtomicU64,
+    /// Bytes written by the guest.
+    pub write_bytes: AtomicU64,
+    /// Flushes completed.
+    pub flushes: AtomicU64,
+    /// Requests completed with IOERR.
+    pub io_errors: AtomicU64,
+    /// Requests completed with UNSUPP.
+    pub unsupported: AtomicU64,
+    /// Chains that were not valid requests.
+    pub malformed: AtomicU64,
+}
+
+impl QueueStats {
+    /// Adds `v` to a counter.
+    pub fn add(c: &AtomicU64, v: u64) {
+        c.fetch_add(v, Ordering::Relaxed);
+    }
+
+    /// A snapshot as JSON.
+    pub fn to_json(&self, queue: usize) -> serde_json::Value {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "queue": queue,
+            "requests": g(&self.requests),
+            "read_bytes": g(&self.read_bytes),
+            "write_bytes": g(&self.write_bytes),
+            "flushes": g(&self.flushes),
+            "io_errors": g(&self.io_errors),
+            "unsupported": g(&self.unsupported),
+            "malformed": g(&self.malformed),
+        })
+    }
+}
