@@ -4,9 +4,12 @@
 # System packages the build and the tests need (Debian names).
 #   qemu-utils: qemu-img, the oracle the qcow2 tests check our images against
 #   gcc, libc6-dev: zstd-sys compiles the bundled zstd C sources
-# Later issues add what their tests need here (e.g. cpio, iproute2, qemu-system-x86).
+#   qemu-system-x86: QEMU (TCG) booting the real-guest tests (tests/src/guest.rs); it also
+#     brings qemu-storage-daemon (qemu-system-common), the reference vhost-user-blk backend
+#   cpio: scripts/guest/build-guest.sh packs the test guest's initramfs with it
+# Later issues add what their tests need here (e.g. iproute2).
 # shellcheck disable=SC2034 # used by the scripts that source this file
-OUTBOARD_APT_PACKAGES=(qemu-utils gcc libc6-dev)
+OUTBOARD_APT_PACKAGES=(qemu-utils gcc libc6-dev qemu-system-x86 cpio)
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() {

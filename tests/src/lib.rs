@@ -4,9 +4,12 @@
 //!
 //! The tests themselves live in `tests/*.rs`, one file per theme; the body of
 //! the fuzz target lives in [`fuzz_body`] so that `cargo fuzz` and the stable
-//! smoke test run the same code.
+//! smoke test run the same code. [`blkio_client`] is the libblkio
+//! (vhost-user-blk frontend) client and block conformance suite.
 
+pub mod blkio_client;
 pub mod fuzz_body;
+pub mod guest;
 
 use std::ffi::OsStr;
 use std::fs;

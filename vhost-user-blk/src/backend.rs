@@ -35,6 +35,8 @@ pub struct BlkDevice {
     frontend: Mutex<Option<Backend>>,
     /// While set, queue threads leave requests in the rings (quiesce).
     paused: AtomicBool,
+    /// The vrings of the current connection, to restart queues after a pause.
+    vrings: Vec<Mutex<Option<VringRwLock>>>,
 }
 
 impl std::fmt::Debug for BlkDevice {
@@ -85,6 +87,7 @@ impl BlkDevice {
             mem: RwLock::new(None),
             frontend: Mutex::new(None),
             paused: AtomicBool::new(false),
+            vrings: (0..num_queues).map(|_| Mutex::new(None)).collect(),
         })
     }
 
@@ -118,7 +121,8 @@ impl BlkDevice {
     }
 
     /// Stops (`true`) or resumes (`false`) taking requests from the rings.
-    /// After `pause(true)` returns, no request is being executed.
+    /// After `pause(true)` returns, no request is being executed; after
+    /// `pause(false)` the requests that arrived meanwhile are processed.
     pub fn pause(&self, paused: bool) {
         self.paused.store(paused, Ordering::SeqCst);
         if paused {
@@ -126,10 +130,32 @@ impl BlkDevice {
             for w in &self.workers {
                 drop(w.lock().unwrap_or_else(|e| e.into_inner()));
             }
+            return;
+        }
+        for (i, slot) in self.vrings.iter().enumerate() {
+            let vring = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(v) = vring {
+                if let Err(e) = self.run_queue(i, &v) {
+                    log::warn!("queue {i} after resume: {e}");
+                }
+            }
+        }
+    }
+
+    /// Forgets the vrings of a connection that ended.
+    pub fn disconnected(&self) {
+        for slot in &self.vrings {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
     }
 
     fn run_queue(&self, index: usize, vring: &VringRwLock) -> io::Result<()> {
+        if let Some(slot) = self.vrings.get(index) {
+            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.is_none() {
+                *slot = Some(vring.clone());
+            }
+        }
         if self.paused.load(Ordering::SeqCst) {
             return Ok(());
         }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// Image formats on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -39,9 +39,15 @@ pub enum CacheArg {
         qemu-system-x86_64 ... -chardev socket,id=c0,path=/run/vm0.sock \\\n      \
         -device vhost-user-blk-pci,chardev=c0,num-queues=4\n\n\
         The daemon listens on the socket, serves one frontend at a time, and listens again when \
-        it disconnects. SIGTERM finishes in-flight requests, flushes and exits."
+        it disconnects. SIGTERM finishes in-flight requests, flushes and exits.\n\n\
+        Control a running daemon: vhost-user-blk ctl /run/vm0-ctl.sock stats",
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
 )]
 pub struct Args {
+    /// Client for a running daemon's control socket.
+    #[command(subcommand)]
+    pub ctl: Option<Sub>,
     /// Print the backend's capabilities as JSON (for QEMU) and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -190,4 +196,96 @@ impl TryFrom<Args> for Config {
 /// `--print-capabilities` output (QEMU's vhost-user backend conventions).
 pub fn capabilities() -> &'static str {
     r#"{"type": "block", "features": ["read-only", "blk-file"]}"#
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Sub {
+    /// Send a command to a running daemon's control socket and print the reply.
+    #[command(
+        after_help = "Examples:\n  vhost-user-blk ctl /run/vm0-ctl.sock stats\n  \
+        vhost-user-blk ctl /run/vm0-ctl.sock snapshot-create before-upgrade\n  \
+        vhost-user-blk ctl /run/vm0-ctl.sock resize 40G"
+    )]
+    Ctl {
+        /// The daemon's --control-socket path.
+        socket: PathBuf,
+        /// What to do.
+        #[command(subcommand)]
+        cmd: CtlCmd,
+    },
+}
+
+/// Control commands.
+#[derive(Debug, Subcommand)]
+pub enum CtlCmd {
+    /// Per-queue request, byte and error counters.
+    Stats,
+    /// Take an internal snapshot of the running disk (qcow2 only).
+    SnapshotCreate {
+        /// Snapshot name.
+        name: String,
+    },
+    /// List internal snapshots.
+    SnapshotList,
+    /// Delete an internal snapshot (by name or id).
+    SnapshotDelete {
+        /// Snapshot name or id.
+        name: String,
+    },
+    /// Grow the disk while the guest runs (bytes, or with K/M/G/T suffix).
+    Resize {
+        /// New size, e.g. 40G.
+        size: String,
+    },
+}
+
+impl CtlCmd {
+    /// The JSON request for this command.
+    pub fn request(&self) -> Result<serde_json::Value, String> {
+        use serde_json::json;
+        Ok(match self {
+            CtlCmd::Stats => json!({"cmd": "stats"}),
+            CtlCmd::SnapshotCreate { name } => json!({"cmd": "snapshot-create", "name": name}),
+            CtlCmd::SnapshotList => json!({"cmd": "snapshot-list"}),
+            CtlCmd::SnapshotDelete { name } => json!({"cmd": "snapshot-delete", "name": name}),
+            CtlCmd::Resize { size } => json!({"cmd": "resize", "size": parse_size(size)?}),
+        })
+    }
+}
+
+/// Parses "4096", "512K", "40G" (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size suffix in {s:?}")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("40G"), Ok(40 << 30));
+        assert_eq!(parse_size("3k"), Ok(3072));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
 }

@@ -12,9 +12,11 @@
 //! - [`stats`]: per-queue counters.
 //! - [`backend`]: the `VhostUserBackend` adapter.
 //! - [`server`]: listening, re-listening after a disconnect, `--fd`.
+//! - [`control`]: the JSON-lines control socket (stats, live snapshots, resize).
 
 pub mod backend;
 pub mod cli;
+pub mod control;
 pub mod disk;
 pub mod request;
 pub mod server;
@@ -50,6 +52,9 @@ pub enum Error {
     /// Listening or serving failed.
     #[error(transparent)]
     Serve(#[from] server::ServeError),
+    /// The control socket could not be set up.
+    #[error("control socket")]
+    Control(#[from] control::ControlError),
     /// Signal handling could not be set up.
     #[error("signal handling")]
     Signals(#[source] std::io::Error),
@@ -95,6 +100,10 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         Listen::Path(p) => (server::bind(p)?, Some(p.clone())),
         Listen::Fd(fd) => (server::from_fd(*fd)?, None),
     };
+    if let Some(path) = &cfg.control_socket {
+        control::spawn(path, device.clone())?;
+        log::info!("control socket on {}", path.display());
+    }
     spawn_signal_thread(device.clone(), owned_path)?;
     server::serve(device, listener)?;
     Ok(())

@@ -1,10 +1,17 @@
 //! `vhost-user-blk`: command line → [`Config`](vhost_user_blk::cli::Config) → serve.
 
 use clap::Parser;
-use vhost_user_blk::cli::{capabilities, Args, Config};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use vhost_user_blk::cli::{capabilities, Args, Config, CtlCmd, Sub};
 
 fn main() {
     let args = Args::parse();
+    if let Some(Sub::Ctl { socket, cmd }) = &args.ctl {
+        std::process::exit(ctl(socket, cmd));
+    }
     if args.print_capabilities {
         println!("{}", capabilities());
         return;
@@ -32,4 +39,42 @@ fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// `vhost-user-blk ctl SOCKET COMMAND`: one request, one reply; exit 0 if ok.
+fn ctl(socket: &Path, cmd: &CtlCmd) -> i32 {
+    let run = || -> Result<serde_json::Value, String> {
+        let req = cmd.request()?;
+        let mut s =
+            UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+        writeln!(s, "{req}").map_err(|e| format!("send: {e}"))?;
+        let mut line = String::new();
+        BufReader::new(&s)
+            .read_line(&mut line)
+            .map_err(|e| format!("receive: {e}"))?;
+        serde_json::from_str(&line).map_err(|e| format!("bad reply {line:?}: {e}"))
+    };
+    match run() {
+        Ok(reply) => {
+            let ok = reply.get("ok").and_then(serde_json::Value::as_bool) == Some(true);
+            if ok {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&reply).unwrap_or_default()
+                );
+                0
+            } else {
+                let err = reply
+                    .get("error")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("failed");
+                eprintln!("vhost-user-blk ctl: {err}");
+                1
+            }
+        }
+        Err(e) => {
+            eprintln!("vhost-user-blk ctl: {e}");
+            1
+        }
+    }
 }

@@ -107,6 +107,7 @@ pub fn serve(device: Arc<BlkDevice>, listener: UnixListener) -> Result<(), Serve
             Err(e) => log::warn!("connection ended: {e}"),
         }
         drop(daemon);
+        device.disconnected();
         if let Err(e) = device.disk.flush() {
             log::error!("flush after disconnect failed: {e}");
         }

@@ -1,0 +1,177 @@
+//! The control socket: one JSON object per line in, one per line out.
+//!
+//! Requests (`"cmd"` selects the command):
+//! - `{"cmd":"stats"}` → per-queue counters and disk size.
+//! - `{"cmd":"snapshot-create","name":"before-upgrade"}`: stops taking
+//!   requests, drains in-flight ones, flushes, snapshots, resumes.
+//! - `{"cmd":"snapshot-list"}`, `{"cmd":"snapshot-delete","name":"..."}`.
+//! - `{"cmd":"resize","size":BYTES}`: grows the disk and tells the guest
+//!   (config-change message on the backend channel).
+//!
+//! Replies: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use crate::backend::BlkDevice;
+
+/// Errors setting up the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The socket could not be bound.
+    #[error(transparent)]
+    Bind(#[from] crate::server::ServeError),
+    /// The runtime or thread could not start.
+    #[error("control thread")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// Starts serving the control socket at `path` on its own thread.
+pub fn spawn(path: &Path, device: Arc<BlkDevice>) -> Result<(), ControlError> {
+    let std_listener = crate::server::bind(path)?;
+    std_listener
+        .set_nonblocking(true)
+        .map_err(ControlError::Runtime)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(ControlError::Runtime)?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let listener = match tokio::net::UnixListener::from_std(std_listener) {
+                    Ok(l) => l,
+                    Err(e) => return log::error!("control socket: {e}"),
+                };
+                loop {
+                    match listener.accept().await {
+                        Ok((stream, _)) => {
+                            if let Err(e) = serve_client(stream, &device).await {
+                                log::warn!("control client: {e}");
+                            }
+                        }
+                        Err(e) => log::warn!("control accept: {e}"),
+                    }
+                }
+            })
+        })
+        .map_err(ControlError::Runtime)?;
+    Ok(())
+}
+
+async fn serve_client(
+    stream: tokio::net::UnixStream,
+    device: &Arc<BlkDevice>,
+) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    while let Some(line) = lines.next_line().await? {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = match serde_json::from_str::<Value>(&line) {
+            Ok(req) => handle(&req, device),
+            Err(e) => json!({"ok": false, "error": format!("not JSON: {e}")}),
+        };
+        let mut out = reply.to_string();
+        out.push('\n');
+        w.write_all(out.as_bytes()).await?;
+    }
+    Ok(())
+}
+
+/// Executes one request.
+pub fn handle(req: &Value, device: &BlkDevice) -> Value {
+    let result = match req.get("cmd").and_then(Value::as_str) {
+        Some("stats") => Ok(stats(device)),
+        Some("snapshot-create") => name(req).and_then(|n| snapshot_create(device, n)),
+        Some("snapshot-list") => qcow2_of(device).map(|q| json!({"snapshots": snapshots(q)})),
+        Some("snapshot-delete") => name(req).and_then(|n| {
+            let q = qcow2_of(device)?;
+            quiesced(device, || q.snapshot_delete(n).map_err(|e| e.to_string()))?;
+            Ok(json!({}))
+        }),
+        Some("resize") => match req.get("size").and_then(Value::as_u64) {
+            Some(size) => resize(device, size),
+            None => Err("resize needs \"size\" in bytes".into()),
+        },
+        Some(other) => Err(format!("unknown command {other:?}")),
+        None => Err("missing \"cmd\"".into()),
+    };
+    match result {
+        Ok(Value::Object(mut m)) => {
+            m.insert("ok".into(), Value::Bool(true));
+            Value::Object(m)
+        }
+        Ok(v) => json!({"ok": true, "result": v}),
+        Err(e) => json!({"ok": false, "error": e}),
+    }
+}
+
+fn name(req: &Value) -> Result<&str, String> {
+    req.get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| "missing \"name\"".to_string())
+}
+
+fn qcow2_of(device: &BlkDevice) -> Result<&qcow2::Qcow2, String> {
+    device
+        .disk
+        .qcow2()
+        .ok_or_else(|| "internal snapshots need a qcow2 image".to_string())
+}
+
+fn stats(device: &BlkDevice) -> Value {
+    let queues: Vec<Value> = device
+        .stats
+        .iter()
+        .enumerate()
+        .map(|(i, s)| s.to_json(i))
+        .collect();
+    json!({"disk_size": device.disk.size(), "queues": queues})
+}
+
+fn snapshots(q: &qcow2::Qcow2) -> Vec<Value> {
+    q.snapshots()
+        .iter()
+        .map(|s| json!({"id": s.id, "name": s.name, "date_sec": s.date_sec, "disk_size": s.disk_size}))
+        .collect()
+}
+
+/// Runs `f` with the queues stopped and drained and the disk flushed.
+fn quiesced<T>(device: &BlkDevice, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    device.pause(true);
+    let r = device
+        .disk
+        .flush()
+        .map_err(|e| format!("flush: {e}"))
+        .and_then(|()| f());
+    device.pause(false);
+    r
+}
+
+fn snapshot_create(device: &BlkDevice, name: &str) -> Result<Value, String> {
+    let q = qcow2_of(device)?;
+    let sn = quiesced(device, || {
+        q.snapshot_create(name).map_err(|e| e.to_string())
+    })?;
+    Ok(json!({"id": sn.id, "name": sn.name}))
+}
+
+fn resize(device: &BlkDevice, size: u64) -> Result<Value, String> {
+    quiesced(device, || {
+        device.disk.resize(size).map_err(|e| e.to_string())
+    })?;
+    let notified = match device.notify_config_change() {
+        Ok(()) => true,
+        Err(e) => {
+            log::warn!("resize: guest not notified: {e}");
+            false
+        }
+    };
+    Ok(json!({"size": size, "guest_notified": notified}))
+}
