@@ -64,6 +64,8 @@ unsafe impl Send for Slot {}
 pub struct Worker {
     ring: Option<IoUring>,
     slots: Vec<Slot>,
+    /// Indices of slots not in flight.
+    free: Vec<usize>,
     segs: Segments,
     bounce: Vec<u8>,
 }
@@ -121,6 +123,7 @@ impl Worker {
         Ok(Worker {
             ring,
             slots,
+            free: (0..entries as usize).rev().collect(),
             segs: Segments::default(),
             bounce: Vec::new(),
         })
@@ -142,10 +145,7 @@ impl Worker {
         loop {
             q.disable_notification(mem).map_err(queue_err)?;
             loop {
-                let n = self.run_batch(disk, settings, writeback, q, mem, stats)?;
-                if n > 0 && q.needs_notification(mem).map_err(queue_err)? {
-                    signal();
-                }
+                let n = self.run_pipeline(disk, settings, writeback, q, mem, stats, signal)?;
                 if n == 0 && !poll(q, mem, settings.poll)? {
                     break;
                 }
@@ -156,8 +156,12 @@ impl Worker {
         }
     }
 
-    /// Pops and executes one batch; returns the number of chains completed.
-    fn run_batch<M: GuestMemoryBackend>(
+    /// Keeps the io_uring full: takes available chains while slots are free,
+    /// completes requests as their completions arrive (notifying the driver
+    /// after each wave), until nothing is available or in flight. Returns
+    /// the number of chains completed.
+    #[allow(clippy::too_many_arguments)]
+    fn run_pipeline<M: GuestMemoryBackend>(
         &mut self,
         disk: &Disk,
         settings: &DeviceSettings,
@@ -165,36 +169,56 @@ impl Worker {
         q: &mut Queue,
         mem: &M,
         stats: &QueueStats,
+        signal: &mut dyn FnMut(),
     ) -> Result<usize, WorkerError> {
-        let mut in_flight = 0usize;
         let mut completed = 0usize;
-        while in_flight < self.slots.len() {
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let req = match parse(mem, chain, &mut self.segs) {
-                Ok(req) => req,
-                Err((_, status)) => {
-                    QueueStats::add(&stats.malformed, 1);
-                    match status {
-                        Some(s) => finish(mem, q, head, s, Done::err(), stats)?,
-                        None => q.add_used(mem, head, 0).map_err(queue_err)?,
+        let mut unsignalled = 0usize;
+        loop {
+            while let Some(&slot) = self.free.last() {
+                let Some(chain) = q.pop_descriptor_chain(mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                let done = match parse(mem, chain, &mut self.segs) {
+                    Ok(req) => self
+                        .start(disk, settings, writeback, mem, head, &req, slot, stats)
+                        .map(|d| (req.status, d)),
+                    Err((_, Some(status))) => {
+                        QueueStats::add(&stats.malformed, 1);
+                        Some((status, Done::err()))
                     }
-                    completed += 1;
-                    continue;
+                    Err((_, None)) => {
+                        QueueStats::add(&stats.malformed, 1);
+                        q.add_used(mem, head, 0).map_err(queue_err)?;
+                        completed += 1;
+                        unsignalled += 1;
+                        continue;
+                    }
+                };
+                match done {
+                    Some((status, d)) => {
+                        finish(mem, q, head, status, d, stats)?;
+                        completed += 1;
+                        unsignalled += 1;
+                    }
+                    None => {
+                        self.free.pop();
+                    }
                 }
-            };
-            match self.start(disk, settings, writeback, mem, head, &req, in_flight, stats) {
-                Some(done) => {
-                    finish(mem, q, head, req.status, done, stats)?;
-                    completed += 1;
-                }
-                None => in_flight += 1,
+            }
+            if self.free.len() == self.slots.len() {
+                break;
+            }
+            let n = self.reap_some(mem, q, stats)?;
+            completed += n;
+            unsignalled += n;
+            if unsignalled > 0 && q.needs_notification(mem).map_err(queue_err)? {
+                signal();
+                unsignalled = 0;
             }
         }
-        if in_flight > 0 {
-            completed += self.reap(mem, q, in_flight, stats)?;
+        if unsignalled > 0 && q.needs_notification(mem).map_err(queue_err)? {
+            signal();
         }
         Ok(completed)
     }
@@ -336,45 +360,47 @@ impl Worker {
         }
     }
 
-    /// Submits the queued entries, waits for all `n`, completes them.
-    fn reap<M: GuestMemoryBackend>(
+    /// Submits what is queued, waits for at least one completion, and
+    /// completes everything that has finished; returns how many.
+    fn reap_some<M: GuestMemoryBackend>(
         &mut self,
         mem: &M,
         q: &mut Queue,
-        n: usize,
         stats: &QueueStats,
     ) -> Result<usize, WorkerError> {
         let Some(ring) = self.ring.as_mut() else {
             return Ok(0);
         };
-        let mut done = 0usize;
-        while done < n {
-            match ring.submit_and_wait(n - done) {
-                Ok(_) => {}
+        loop {
+            match ring.submit_and_wait(1) {
+                Ok(_) => break,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) => return Err(WorkerError::Uring(e)),
             }
-            while let Some(cqe) = ring.completion().next() {
-                let Some(s) = self.slots.get(cqe.user_data() as usize) else {
-                    continue;
-                };
-                let res = cqe.result();
-                let ok = res >= 0 && res as u64 == s.expected;
-                let status = if ok {
-                    VIRTIO_BLK_S_OK
-                } else {
-                    VIRTIO_BLK_S_IOERR
-                };
-                match s.kind {
-                    Some(RequestType::In) if ok => QueueStats::add(&stats.read_bytes, s.expected),
-                    Some(RequestType::Out) if ok => QueueStats::add(&stats.write_bytes, s.expected),
-                    Some(RequestType::Flush) => QueueStats::add(&stats.flushes, 1),
-                    _ => {}
-                }
-                let (head, addr, used_len) = (s.head, s.status, s.used_len);
-                finish(mem, q, head, addr, Done { status, used_len }, stats)?;
-                done += 1;
+        }
+        let mut done = 0usize;
+        while let Some(cqe) = ring.completion().next() {
+            let slot = cqe.user_data() as usize;
+            let Some(s) = self.slots.get(slot) else {
+                continue;
+            };
+            let res = cqe.result();
+            let ok = res >= 0 && res as u64 == s.expected;
+            let status = if ok {
+                VIRTIO_BLK_S_OK
+            } else {
+                VIRTIO_BLK_S_IOERR
+            };
+            match s.kind {
+                Some(RequestType::In) if ok => QueueStats::add(&stats.read_bytes, s.expected),
+                Some(RequestType::Out) if ok => QueueStats::add(&stats.write_bytes, s.expected),
+                Some(RequestType::Flush) => QueueStats::add(&stats.flushes, 1),
+                _ => {}
             }
+            let (head, addr, used_len) = (s.head, s.status, s.used_len);
+            self.free.push(slot);
+            finish(mem, q, head, addr, Done { status, used_len }, stats)?;
+            done += 1;
         }
         Ok(done)
     }
