@@ -27,6 +27,38 @@ fn daemon_binary() -> PathBuf {
     bin
 }
 
+/// Starts our daemon on `image` (`--socket-path SOCK --blk-file IMAGE` plus
+/// `extra`) and waits until every path in `wait_for` exists.
+fn spawn_daemon(
+    sock: &Path,
+    image: &Path,
+    extra: &[&std::ffi::OsStr],
+    wait_for: &[&Path],
+) -> std::process::Child {
+    let mut child = std::process::Command::new(daemon_binary())
+        .arg("--socket-path")
+        .arg(sock)
+        .arg("--blk-file")
+        .arg(image)
+        .args(extra)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn vhost-user-blk");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !wait_for.iter().all(|p| p.exists()) {
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "vhost-user-blk exited early"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sockets did not appear within 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child
+}
+
 fn run_case(format: Format, case: Case) {
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join(format!("disk.{format}"));
@@ -91,8 +123,7 @@ cases!(
 mod lifecycle {
     use std::os::unix::io::AsRawFd;
     use std::os::unix::process::CommandExt;
-    use std::process::{Child, Command, Stdio};
-    use std::time::{Duration, Instant};
+    use std::process::{Command, Stdio};
 
     use outboard_tests::blkio_client::{create_image, BlkClient, ClientOptions, Format};
 
@@ -100,18 +131,6 @@ mod lifecycle {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
             .collect()
-    }
-
-    fn wait_socket(path: &std::path::Path, child: &mut Child) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !path.exists() {
-            assert!(
-                child.try_wait().expect("wait").is_none(),
-                "daemon exited early"
-            );
-            assert!(Instant::now() < deadline, "no socket after 10 s");
-            std::thread::sleep(Duration::from_millis(5));
-        }
     }
 
     fn connect(sock: &std::path::Path) -> BlkClient {
@@ -125,16 +144,15 @@ mod lifecycle {
         let image = dir.path().join("disk.qcow2");
         create_image(&image, Format::Qcow2, super::SIZE);
         let sock = dir.path().join("s.sock");
-        let mut child = Command::new(super::daemon_binary())
-            .arg("--socket-path")
-            .arg(&sock)
-            .arg("--blk-file")
-            .arg(&image)
-            .args(["--format", "qcow2"])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn");
-        wait_socket(&sock, &mut child);
+        let mut child = super::spawn_daemon(
+            &sock,
+            &image,
+            &[
+                std::ffi::OsStr::new("--format"),
+                std::ffi::OsStr::new("qcow2"),
+            ],
+            &[&sock],
+        );
         let data = pattern(256 * 1024, 3);
         {
             let mut c = connect(&sock);
@@ -214,16 +232,15 @@ mod lifecycle {
         let image = dir.path().join("disk.qcow2");
         create_image(&image, Format::Qcow2, super::SIZE);
         let sock = dir.path().join("t.sock");
-        let mut child = Command::new(super::daemon_binary())
-            .arg("--socket-path")
-            .arg(&sock)
-            .arg("--blk-file")
-            .arg(&image)
-            .args(["--format", "qcow2"])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn");
-        wait_socket(&sock, &mut child);
+        let mut child = super::spawn_daemon(
+            &sock,
+            &image,
+            &[
+                std::ffi::OsStr::new("--format"),
+                std::ffi::OsStr::new("qcow2"),
+            ],
+            &[&sock],
+        );
         let data = pattern(3 << 20, 5);
         let mut c = connect(&sock);
         c.write(5 << 20, &data).expect("write");
@@ -255,9 +272,9 @@ mod lifecycle {
 }
 
 mod control {
-    use std::process::{Command, Stdio};
+    use std::process::Command;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use outboard_tests::blkio_client::{create_image, BlkClient, ClientOptions, Format};
 
@@ -283,21 +300,19 @@ mod control {
         create_image(&image, Format::Qcow2, super::SIZE);
         let sock = dir.path().join("v.sock");
         let ctl_sock = dir.path().join("ctl.sock");
-        let mut child = Command::new(super::daemon_binary())
-            .arg("--socket-path")
-            .arg(&sock)
-            .arg("--blk-file")
-            .arg(&image)
-            .args(["--format", "qcow2", "--num-queues", "2", "--control-socket"])
-            .arg(&ctl_sock)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(sock.exists() && ctl_sock.exists()) {
-            assert!(Instant::now() < deadline, "sockets did not appear");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let mut child = super::spawn_daemon(
+            &sock,
+            &image,
+            &[
+                std::ffi::OsStr::new("--format"),
+                std::ffi::OsStr::new("qcow2"),
+                std::ffi::OsStr::new("--num-queues"),
+                std::ffi::OsStr::new("2"),
+                std::ffi::OsStr::new("--control-socket"),
+                ctl_sock.as_os_str(),
+            ],
+            &[&sock, &ctl_sock],
+        );
         let mut c =
             BlkClient::connect_vhost_user(&sock, &ClientOptions::queues(2)).expect("connect");
         let before = vec![0xA5u8; 1 << 20];
@@ -384,21 +399,17 @@ mod control {
         create_image(&image, Format::Qcow2, super::SIZE);
         let sock = dir.path().join("v.sock");
         let ctl_sock = dir.path().join("ctl.sock");
-        let mut child = Command::new(super::daemon_binary())
-            .arg("--socket-path")
-            .arg(&sock)
-            .arg("--blk-file")
-            .arg(&image)
-            .args(["--format", "qcow2", "--control-socket"])
-            .arg(&ctl_sock)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(sock.exists() && ctl_sock.exists()) {
-            assert!(Instant::now() < deadline, "sockets did not appear");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let mut child = super::spawn_daemon(
+            &sock,
+            &image,
+            &[
+                std::ffi::OsStr::new("--format"),
+                std::ffi::OsStr::new("qcow2"),
+                std::ffi::OsStr::new("--control-socket"),
+                ctl_sock.as_os_str(),
+            ],
+            &[&sock, &ctl_sock],
+        );
         let reply = ctl(&ctl_sock, &["resize", "128M"]);
         assert_eq!(reply["size"], 128u64 << 20);
         let stats = ctl(&ctl_sock, &["stats"]);
