@@ -2,6 +2,7 @@
 //! device model (one [`Worker`] per queue, each driven by its own thread).
 
 use std::io;
+use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -170,10 +171,15 @@ impl BlkDevice {
         };
         let mut worker = worker.lock().unwrap_or_else(|e| e.into_inner());
         let mut state = vring.get_mut();
-        let call = state.get_call().as_ref().and_then(|c| c.try_clone().ok());
+        // The call eventfd cannot be replaced while we hold the vring
+        // state, so its raw fd stays valid for this pass (no dup per kick).
+        let call = state.get_call().as_ref().map(|c| c.as_raw_fd());
         let mut signal = || {
-            if let Some(c) = &call {
-                let _ = c.notify();
+            if let Some(fd) = call {
+                let one = 1u64.to_ne_bytes();
+                // SAFETY: `fd` is the open call eventfd owned by the vring
+                // state we hold; writing 8 bytes from a local buffer.
+                let _ = unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
             }
         };
         let writeback = self.writeback.load(Ordering::Relaxed);
