@@ -296,11 +296,9 @@ impl Qcow2 {
         let gc = off >> self.geo.cluster_bits;
         let in_c = off & (cs - 1);
         let (e, _) = m.lookup(&self.file, gc)?;
-        let src = match e {
-            L2Entry::Unallocated if self.backing.is_some() => Source::Backing,
-            L2Entry::Unallocated | L2Entry::Zero(_) => Source::Zero,
-            L2Entry::Normal { host, .. } => Source::Host(host + in_c),
-            L2Entry::Compressed { host, len } => Source::Compressed { host, len },
+        let src = match self.source_of(e) {
+            Source::Host(h) => Source::Host(h + in_c),
+            s => s,
         };
         let mut n = (cs - in_c).min(max);
         if matches!(src, Source::Compressed { .. }) {
@@ -340,14 +338,25 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Where the data of a cluster with L2 entry `e` comes from (`Host` is
+    /// the cluster's start).
+    fn source_of(&self, e: L2Entry) -> Source {
+        match e {
+            L2Entry::Unallocated if self.backing.is_some() => Source::Backing,
+            L2Entry::Unallocated | L2Entry::Zero(_) => Source::Zero,
+            L2Entry::Normal { host, .. } => Source::Host(host),
+            L2Entry::Compressed { host, len } => Source::Compressed { host, len },
+        }
+    }
+
+    /// Decompresses a cluster; `len` is bounded by the descriptor encoding
+    /// (at most 4 MiB) and bytes past the end of the file read as zeros.
     fn read_compressed(&self, host: u64, len: u64, out: &mut [u8], in_c: usize) -> Result<()> {
         let cs = self.geo.cs as usize;
         COMPRESSED_BUF.with(|s| {
             let mut s = s.borrow_mut();
             let (cbuf, ubuf) = &mut *s;
-            let file_end = file_size(&self.file)?;
-            let len = len.min(file_end.saturating_sub(host)) as usize;
-            cbuf.resize(len, 0);
+            cbuf.resize(len as usize, 0);
             read_or_zero(&self.file, cbuf, host)?;
             ubuf.resize(cs, 0);
             decompress(self.compression, cbuf, ubuf, host)?;
@@ -476,11 +485,7 @@ impl Qcow2 {
         fresh: bool,
     ) -> Result<()> {
         let cs = self.geo.cs as usize;
-        let zero_source = match old {
-            L2Entry::Zero(_) => true,
-            L2Entry::Unallocated => self.backing.is_none(),
-            _ => false,
-        };
+        let zero_source = matches!(self.source_of(old), Source::Zero);
         if data.len() == cs || (fresh && zero_source) {
             // Nothing to copy: the rest of a fresh cluster already reads as zeros.
             return self
@@ -492,20 +497,14 @@ impl Qcow2 {
         cluster.resize(cs, 0);
         let base = gc << self.geo.cluster_bits;
         let r = (|| {
-            match old {
-                L2Entry::Normal { host: h, .. } => {
+            match self.source_of(old) {
+                Source::Host(h) => {
                     // Only the parts the guest does not overwrite.
                     read_or_zero(&self.file, &mut cluster[..in_c], h)?;
                     let tail = in_c + data.len();
                     read_or_zero(&self.file, &mut cluster[tail..], h + tail as u64)?;
                 }
-                L2Entry::Compressed { host: h, len } => {
-                    self.read_source(Source::Compressed { host: h, len }, &mut cluster, base)?
-                }
-                L2Entry::Unallocated if self.backing.is_some() => {
-                    self.read_backing(&mut cluster, base)?
-                }
-                L2Entry::Unallocated | L2Entry::Zero(_) => cluster.fill(0),
+                src => self.read_source(src, &mut cluster, base)?,
             }
             cluster[in_c..in_c + data.len()].copy_from_slice(data);
             self.file

@@ -484,3 +484,20 @@ pub mod hdr {
     /// Header length (v3).
     pub const HEADER_LENGTH: u64 = 100;
 }
+
+/// A binary of this workspace built alongside the running test
+/// (`target/<profile>/NAME`); panics with the build command when missing.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p {name}` (the workspace test run builds it)",
+        bin.display()
+    );
+    bin
+}

@@ -11,20 +11,9 @@ use outboard_tests::blkio_client::{
 const SIZE: u64 = 64 << 20;
 const QUEUES: usize = 2;
 
-/// The daemon binary built with the tests (target/<profile>/vhost-user-blk).
+/// The daemon binary built with the tests.
 fn daemon_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
-    let bin = dir.join("vhost-user-blk");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with `cargo build -p vhost-user-blk` (the workspace test run builds it)",
-        bin.display()
-    );
-    bin
+    outboard_tests::workspace_binary("vhost-user-blk")
 }
 
 /// Starts our daemon on `image` (`--socket-path SOCK --blk-file IMAGE` plus
@@ -84,17 +73,7 @@ fn run_case(format: Format, case: Case) {
     );
     daemon.stop();
     if format == Format::Qcow2 {
-        let out = std::process::Command::new("qemu-img")
-            .arg("check")
-            .arg(&image)
-            .output()
-            .expect("qemu-img must be installed");
-        assert!(
-            out.status.success(),
-            "qemu-img check after the case:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        outboard_tests::assert_qemu_check_clean(&image, "after the daemon wrote the image");
     }
 }
 
@@ -172,16 +151,7 @@ mod lifecycle {
         );
         child.kill().expect("kill");
         let _ = child.wait();
-        let out = Command::new("qemu-img")
-            .arg("check")
-            .arg(&image)
-            .output()
-            .expect("qemu-img");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        outboard_tests::assert_qemu_check_clean(&image, "after the daemon wrote the image");
     }
 
     #[test]
@@ -251,16 +221,7 @@ mod lifecycle {
         assert!(status.success(), "exit status after SIGTERM: {status}");
         assert!(!sock.exists(), "the daemon removes the socket it created");
         drop(c);
-        let out = Command::new("qemu-img")
-            .arg("check")
-            .arg(&image)
-            .output()
-            .expect("qemu-img");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        outboard_tests::assert_qemu_check_clean(&image, "after the daemon wrote the image");
         let img = qcow2::Qcow2::open(&image, &qcow2::OpenOptions::read_only()).expect("open");
         let mut back = vec![0u8; data.len()];
         img.read_at(&mut back, 5 << 20).expect("read");
@@ -364,15 +325,7 @@ mod control {
             .output()
             .expect("qemu-img");
         assert!(String::from_utf8_lossy(&out.stdout).contains("live1"));
-        let out = Command::new("qemu-img")
-            .args(["check", p])
-            .output()
-            .expect("qemu-img");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        outboard_tests::assert_qemu_check_clean(&image, "after the daemon wrote the image");
         // qemu-img applies the snapshot: it holds what was written before it.
         let out = Command::new("qemu-img")
             .args(["snapshot", "-a", "live1", p])
@@ -431,15 +384,6 @@ mod control {
         assert!(!bad.status.success(), "shrinking is refused");
         child.kill().expect("kill");
         let _ = child.wait();
-        let out = Command::new("qemu-img")
-            .arg("check")
-            .arg(&image)
-            .output()
-            .expect("qemu-img");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        outboard_tests::assert_qemu_check_clean(&image, "after the daemon wrote the image");
     }
 }

@@ -15,18 +15,7 @@ const SIZE: u64 = 32 * MIB;
 
 /// The daemon binary built with the tests.
 fn daemon_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("vhost-user-blk");
-    assert!(
-        bin.exists(),
-        "{} missing: cargo build -p vhost-user-blk",
-        bin.display()
-    );
-    bin
+    outboard_tests::workspace_binary("vhost-user-blk")
 }
 
 struct Daemon(Child);
@@ -176,8 +165,7 @@ fn guest_uses_raw_and_qcow2_disks_and_reconnects_after_qemu_restarts() {
         disk[MIB as usize..MIB as usize + want.len()] == want[..],
         "raw image holds the pattern"
     );
-    let (ok, text) = qemu_img(&["check", q]);
-    assert!(ok, "qemu-img check: {text}");
+    outboard_tests::assert_qemu_check_clean(&qc, "after the guest wrote the image");
     let img = qcow2::Qcow2::open(&qc, &qcow2::OpenOptions::read_only()).expect("open qcow2");
     let want = pattern(2);
     let mut back = vec![0u8; want.len()];
@@ -231,8 +219,7 @@ fn live_snapshot_while_the_guest_writes() {
     drop(_d);
     let (ok, list) = qemu_img(&["snapshot", "-l", q]);
     assert!(ok && list.contains("live"), "{list}");
-    let (ok, text) = qemu_img(&["check", q]);
-    assert!(ok, "qemu-img check: {text}");
+    outboard_tests::assert_qemu_check_clean(&qc, "after the guest wrote the image");
     let (ok, text) = qemu_img(&["snapshot", "-a", "live", q]);
     assert!(ok, "{text}");
     let img = qcow2::Qcow2::open(&qc, &qcow2::OpenOptions::read_only()).expect("open");

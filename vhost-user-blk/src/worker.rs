@@ -270,14 +270,8 @@ impl Worker {
                         .flags(squeue::Flags::IO_DRAIN)
                         .user_data(slot as u64);
                     let s = &mut self.slots[slot];
-                    *s = Slot {
-                        head,
-                        status: req.status,
-                        used_len: 1,
-                        expected: 0,
-                        kind: Some(req.ty),
-                        iov: std::mem::take(&mut s.iov),
-                    };
+                    (s.head, s.status, s.used_len, s.expected) = (head, req.status, 1, 0);
+                    s.kind = Some(req.ty);
                     // SAFETY: the entry references no memory.
                     if unsafe { ring.submission().push(&sqe) }.is_ok() {
                         return None;
