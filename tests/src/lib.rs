@@ -501,3 +501,4 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     );
     bin
 }
+pub mod vmm;

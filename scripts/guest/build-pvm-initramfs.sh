@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# scripts/guest/build-pvm-initramfs.sh OUTDIR — a small initramfs for the PVM guest kernel
+# (../shared/guest/vmlinux, no modules needed) booted by the outboard VMM.
+#
+# Contents: Debian's static busybox (apt-get download busybox-static, unpacked with dpkg-deb,
+# nothing installed), the host's mke2fs (e2fsprogs, essential on Debian) with the libraries
+# ldd lists and the dynamic loader, and scripts/guest/init as /init (same ob_script protocol
+# as the QEMU test guest: OB_START, the script's output, OB_EXIT=<status>, poweroff).
+#
+# Output: OUTDIR/pvm-initramfs.cpio.gz. Cached: rebuilt only when the busybox version, this
+# script, init or mke2fs change (OUTDIR/pvm-initramfs.stamp). OB_GUEST_FORCE=1 rebuilds.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=scripts/lib.sh
+source "$HERE/../lib.sh"
+
+OUT="${1:-}"
+[[ -n "$OUT" ]] || die "usage: $0 OUTDIR"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+for c in apt-get dpkg-deb cpio gzip ldd flock; do require_cmd "$c" "needed to build the PVM initramfs"; done
+MKE2FS="$(command -v mke2fs || true)"
+[[ -n "$MKE2FS" ]] || die "mke2fs not found: apt-get install e2fsprogs"
+
+exec 9>"$OUT/.pvm-initramfs.lock"
+flock 9
+
+BBVER="$(apt-cache policy busybox-static 2>/dev/null | sed -n 's/^ *Candidate: //p')"
+if [[ -z "$BBVER" || "$BBVER" == "(none)" ]]; then
+    log "build-pvm-initramfs: no package lists; running apt-get update"
+    apt-get update -q >/dev/null
+    BBVER="$(apt-cache policy busybox-static | sed -n 's/^ *Candidate: //p')"
+fi
+STAMP="busybox-static=$BBVER $(sha256sum "$0" "$HERE/init" "$MKE2FS" | awk '{print $1}' | paste -sd' ')"
+if [[ "${OB_GUEST_FORCE:-0}" != 1 && -f "$OUT/pvm-initramfs.cpio.gz" && -f "$OUT/pvm-initramfs.stamp" &&
+    "$(cat "$OUT/pvm-initramfs.stamp")" == "$STAMP" ]]; then
+    log "build-pvm-initramfs: $OUT/pvm-initramfs.cpio.gz is up to date"
+    exit 0
+fi
+
+WORK="$OUT/.pvm-work"
+rm -rf "$WORK"
+mkdir -p "$WORK/debs" "$WORK/bb" "$WORK/root"
+(cd "$WORK/debs" && apt-get download -q "busybox-static=$BBVER" >"$WORK/download.log" 2>&1) || {
+    cat "$WORK/download.log" >&2
+    die "build-pvm-initramfs: apt-get download busybox-static failed"
+}
+dpkg-deb -x "$(find "$WORK/debs" -name 'busybox-static_*.deb' | head -n1)" "$WORK/bb"
+
+R="$WORK/root"
+mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,run,root,mnt,lib/x86_64-linux-gnu}
+ln -s lib "$R/lib64"
+cp "$WORK/bb/bin/busybox" "$R/bin/busybox"
+for applet in $("$R/bin/busybox" --list-full); do
+    [[ -e "$R/$applet" || -L "$R/$applet" ]] || ln -s /bin/busybox "$R/$applet"
+done
+
+# mke2fs (real ext4 with extents/journal; busybox only makes ext2) and its libraries.
+rm -f "$R/sbin/mke2fs" "$R/sbin/mkfs.ext2" "$R/sbin/mkfs.ext4"
+cp -L "$MKE2FS" "$R/sbin/mke2fs"
+ln -s mke2fs "$R/sbin/mkfs.ext4"
+while read -r lib; do
+    cp -L "$lib" "$R/lib/x86_64-linux-gnu/"
+done < <(ldd "$MKE2FS" | awk '$2 == "=>" && $3 ~ /^\// {print $3}')
+cp -L /lib64/ld-linux-x86-64.so.2 "$R/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+ln -s x86_64-linux-gnu/ld-linux-x86-64.so.2 "$R/lib/ld-linux-x86-64.so.2"
+# mke2fs reads /etc/mke2fs.conf when present; its built-in defaults are fine without.
+
+cp "$HERE/init" "$R/init"
+chmod 755 "$R/init"
+echo 'root:x:0:0:root:/root:/bin/sh' >"$R/etc/passwd"
+echo 'root:x:0:' >"$R/etc/group"
+: >"$R/etc/mtab"
+
+(cd "$R" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet -R 0:0) |
+    gzip -6 -n >"$OUT/pvm-initramfs.cpio.gz.tmp"
+mv "$OUT/pvm-initramfs.cpio.gz.tmp" "$OUT/pvm-initramfs.cpio.gz"
+printf '%s\n' "$STAMP" >"$OUT/pvm-initramfs.stamp"
+rm -rf "$WORK"
+log "build-pvm-initramfs: done: $OUT/pvm-initramfs.cpio.gz ($(du -h "$OUT/pvm-initramfs.cpio.gz" | cut -f1))"

@@ -1,0 +1,278 @@
+//! Harness for the `outboard` VMM tests: picks the guest kernel for this host, builds the
+//! small initramfs, runs `outboard` with a script (same `ob_script` protocol as
+//! [`crate::guest`]) and returns the serial output, the script's status and timings.
+//!
+//! Kernel choice: on a PVM host (`/sys/module/kvm_pvm`, this project's machines) only the
+//! PVM guest kernel boots: `OUTBOARD_PVM_KERNEL`, else `../shared/guest/vmlinux` next to the
+//! workspace root (CI has `shared/` beside the clone), with the busybox initramfs from
+//! `scripts/guest/build-pvm-initramfs.sh`. On hardware KVM the Debian test guest of
+//! [`crate::guest`] (bzImage + modules) is used instead.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::guest::{base64, workspace_root, GuestImage, EXIT_MARKER, START_MARKER};
+use crate::workspace_binary;
+
+/// Kernel + initramfs for `outboard`.
+#[derive(Debug, Clone)]
+pub struct VmmGuest {
+    /// Kernel (ELF vmlinux or bzImage).
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initramfs: PathBuf,
+    /// Whether the host is PVM.
+    pub pvm: bool,
+}
+
+/// Why a VMM test cannot run here, or the guest to use.
+pub fn guest_or_skip() -> Result<VmmGuest, String> {
+    if !Path::new("/dev/kvm").exists() {
+        return Err("/dev/kvm is absent".into());
+    }
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    if !pvm {
+        let img = GuestImage::ensure()
+            .map_err(|e| format!("building the test guest: {e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        return Ok(VmmGuest {
+            kernel: img.kernel.clone(),
+            initramfs: img.initrd.clone(),
+            pvm,
+        });
+    }
+    let kernel = std::env::var_os("OUTBOARD_PVM_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("../shared/guest/vmlinux"));
+    assert!(
+        kernel.is_file(),
+        "PVM host but no PVM guest kernel at {} (set OUTBOARD_PVM_KERNEL)",
+        kernel.display()
+    );
+    let out = workspace_root().join("target/guest");
+    let script = workspace_root().join("scripts/guest/build-pvm-initramfs.sh");
+    let o = Command::new("bash")
+        .arg(&script)
+        .arg(&out)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        o.status.success(),
+        "{} failed:\n{}",
+        script.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(VmmGuest {
+        kernel,
+        initramfs: out.join("pvm-initramfs.cpio.gz"),
+        pvm,
+    })
+}
+
+/// One `outboard` invocation.
+#[derive(Debug, Clone)]
+pub struct Outboard {
+    guest: VmmGuest,
+    cpus: u32,
+    memory_mib: u64,
+    disks: Vec<String>,
+    nets: Vec<String>,
+    wait: Vec<String>,
+    extra_cmdline: Vec<String>,
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct OutboardRun {
+    /// All serial output.
+    pub serial: String,
+    /// The script's output (between the markers).
+    pub output: String,
+    /// The script's exit status (None when the marker never came).
+    pub script_status: Option<i32>,
+    /// `outboard`'s exit status.
+    pub vmm_status: Option<i32>,
+    /// Process start to `OB_START` (guest userspace running the script).
+    pub to_userspace: Option<Duration>,
+    /// Process start to process exit.
+    pub total: Duration,
+    /// `outboard`'s stderr.
+    pub stderr: String,
+}
+
+impl OutboardRun {
+    /// Panics with the serial log unless the script ran and exited 0 and the VMM exited 0.
+    pub fn assert_ok(&self, what: &str) {
+        assert!(
+            self.script_status == Some(0) && self.vmm_status == Some(0),
+            "{what}: script status {:?}, outboard status {:?}\n--- serial ---\n{}\n--- stderr ---\n{}",
+            self.script_status,
+            self.vmm_status,
+            self.serial,
+            self.stderr
+        );
+    }
+}
+
+impl Outboard {
+    /// 1 vCPU, 256 MiB, no devices.
+    pub fn new(guest: &VmmGuest) -> Self {
+        Outboard {
+            guest: guest.clone(),
+            cpus: 1,
+            memory_mib: 256,
+            disks: vec![],
+            nets: vec![],
+            wait: vec![],
+            extra_cmdline: vec![],
+        }
+    }
+
+    /// vCPUs.
+    pub fn cpus(mut self, n: u32) -> Self {
+        self.cpus = n;
+        self
+    }
+
+    /// RAM in MiB.
+    pub fn memory_mib(mut self, m: u64) -> Self {
+        self.memory_mib = m;
+        self
+    }
+
+    /// A `--disk` value; the guest waits for the next vdX.
+    pub fn disk(mut self, spec: &str) -> Self {
+        self.wait.push(crate::guest::disk_name(self.disks.len()));
+        self.disks.push(spec.to_string());
+        self
+    }
+
+    /// A `--net` value; the guest waits for a NIC.
+    pub fn net(mut self, spec: &str) -> Self {
+        if self.nets.is_empty() {
+            self.wait.push("net".into());
+        }
+        self.nets.push(spec.to_string());
+        self
+    }
+
+    /// Extra kernel parameters.
+    pub fn cmdline(mut self, p: &str) -> Self {
+        self.extra_cmdline.push(p.to_string());
+        self
+    }
+
+    /// The `outboard` command for `script`.
+    pub fn command(&self, script: &str) -> Command {
+        let mut cmdline = vec![
+            "console=ttyS0".to_string(),
+            "panic=-1".into(),
+            "quiet".into(),
+            "8250.nr_uarts=1".into(),
+        ];
+        if !self.wait.is_empty() {
+            cmdline.push(format!("ob_wait={}", self.wait.join(",")));
+            cmdline.push("ob_wait_secs=20".into());
+        }
+        cmdline.extend(self.extra_cmdline.iter().cloned());
+        cmdline.push(format!("ob_script={}", base64(script.as_bytes())));
+        let mut c = Command::new(workspace_binary("outboard"));
+        c.arg("--kernel")
+            .arg(&self.guest.kernel)
+            .arg("--initramfs")
+            .arg(&self.guest.initramfs)
+            .arg("--cpus")
+            .arg(self.cpus.to_string())
+            .arg("--memory")
+            .arg(format!("{}M", self.memory_mib))
+            .arg("--cmdline")
+            .arg(cmdline.join(" "));
+        for d in &self.disks {
+            c.arg("--disk").arg(d);
+        }
+        for n in &self.nets {
+            c.arg("--net").arg(n);
+        }
+        c
+    }
+
+    /// Runs the guest until it powers off (killed after `timeout`).
+    pub fn run(&self, script: &str, timeout: Duration) -> OutboardRun {
+        let t0 = Instant::now();
+        let mut child = self
+            .command(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn outboard");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel::<(Instant, String)>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(l) = line else { break };
+                if tx.send((Instant::now(), l)).is_err() {
+                    break;
+                }
+            }
+        });
+        let err_thread = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s);
+            s
+        });
+        let mut serial = String::new();
+        let mut to_userspace = None;
+        let deadline = t0 + timeout;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                let _ = child.kill();
+                serial.push_str("\n[harness: timed out, outboard killed]\n");
+                break;
+            }
+            match rx.recv_timeout(deadline - now) {
+                Ok((at, l)) => {
+                    if to_userspace.is_none() && l.trim_end() == START_MARKER {
+                        to_userspace = Some(at - t0);
+                    }
+                    serial.push_str(&l);
+                    serial.push('\n');
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let status = child.wait().expect("wait outboard");
+        let total = t0.elapsed();
+        let stderr = err_thread.join().unwrap_or_default();
+        let mut output = String::new();
+        let mut script_status = None;
+        let mut inside = false;
+        for l in serial.lines() {
+            let t = l.trim_end();
+            if t == START_MARKER {
+                inside = true;
+            } else if let Some(s) = t.strip_prefix(EXIT_MARKER) {
+                script_status = s.trim().parse().ok();
+                inside = false;
+            } else if inside {
+                output.push_str(t);
+                output.push('\n');
+            }
+        }
+        OutboardRun {
+            serial,
+            output,
+            script_status,
+            vmm_status: status.code(),
+            to_userspace,
+            total,
+            stderr,
+        }
+    }
+}
