@@ -57,15 +57,18 @@ for applet in $("$R/bin/busybox" --list-full); do
 done
 
 # mke2fs (real ext4 with extents/journal; busybox only makes ext2) and its libraries.
-rm -f "$R/sbin/mke2fs" "$R/sbin/mkfs.ext2" "$R/sbin/mkfs.ext4"
-cp -L "$MKE2FS" "$R/sbin/mke2fs"
-ln -s mke2fs "$R/sbin/mkfs.ext4"
+for d in bin sbin usr/bin usr/sbin; do
+    rm -f "$R/$d/mke2fs" "$R/$d/mkfs.ext2" "$R/$d/mkfs.ext4"
+done
+cp -L "$MKE2FS" "$R/usr/sbin/mke2fs"
+ln -s mke2fs "$R/usr/sbin/mkfs.ext4"
 while read -r lib; do
     cp -L "$lib" "$R/lib/x86_64-linux-gnu/"
 done < <(ldd "$MKE2FS" | awk '$2 == "=>" && $3 ~ /^\// {print $3}')
 cp -L /lib64/ld-linux-x86-64.so.2 "$R/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
 ln -s x86_64-linux-gnu/ld-linux-x86-64.so.2 "$R/lib/ld-linux-x86-64.so.2"
 # mke2fs reads /etc/mke2fs.conf when present; its built-in defaults are fine without.
+# Call it as /usr/sbin/mke2fs: busybox sh runs its own applets first (FEATURE_SH_STANDALONE).
 
 cp "$HERE/init" "$R/init"
 chmod 755 "$R/init"

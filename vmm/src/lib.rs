@@ -15,6 +15,8 @@
 //! - [`irq`]: the KVM GSI routing table (MSI routes for irqfds).
 //! - [`devices`]: serial console, ACPI power registers, i8042 reset, port 0x80.
 //! - [`pci`]: config mechanism #1, host bridge, MSI-X, the virtio-pci transport.
+//! - [`vhost_user`]: the vhost-user frontend of one device (negotiation, rings, config).
+//! - [`backends`]: starting our daemons as children for `--disk path=` / `--net tap=`.
 //!
 //! PVM (`/sys/module/kvm_pvm`, a paravirtual KVM without VMX/SVM) needs no
 //! different code path: the 64-bit direct entry, CPUID passed through from
@@ -23,6 +25,7 @@
 //! the log.
 
 pub mod acpi;
+pub mod backends;
 pub mod boot;
 pub mod bus;
 pub mod cli;
@@ -32,4 +35,5 @@ pub mod irq;
 pub mod memory;
 pub mod mptable;
 pub mod pci;
+pub mod vhost_user;
 pub mod vm;

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use vmm::cli::Args;
+use vmm::backends::{self, Children};
+use vmm::cli::{self, Args};
 use vmm::devices::legacy::ExitReason;
 use vmm::vm::{self, SerialOut, VmConfig};
 
@@ -47,6 +48,21 @@ fn run(args: Args, t0: Instant) -> Result<ExitReason, Box<dyn std::error::Error>
             None => return Err(format!("--serial {s}: expected stdio, file=PATH or off").into()),
         },
     };
+    let mut children = Children::default();
+    let mut devices = Vec::new();
+    for (i, d) in args.disks.iter().enumerate() {
+        let spec = cli::parse_disk(d)?;
+        devices.push(backends::disk(&mut children, &spec, i)?);
+    }
+    for (i, n) in args.nets.iter().enumerate() {
+        let spec = cli::parse_net(n)?;
+        devices.push(backends::net(&mut children, &spec, i)?);
+    }
+    log::info!(
+        "{} backend(s) connected ({} ms)",
+        devices.len(),
+        t0.elapsed().as_millis()
+    );
     let cfg = VmConfig {
         kernel: args.kernel,
         initramfs: args.initramfs,
@@ -54,8 +70,10 @@ fn run(args: Args, t0: Instant) -> Result<ExitReason, Box<dyn std::error::Error>
         cpus: args.cpus,
         memory: args.memory,
         serial,
-        devices: Vec::new(),
+        devices,
     };
     let vm = vm::start(cfg, t0)?;
-    Ok(vm.wait())
+    let reason = vm.wait();
+    children.stop();
+    Ok(reason)
 }

@@ -1,37 +1,695 @@
-//! placeholder
-use crate::devices::legacy::ExitSignal;
-use crate::irq::IrqRouting;
-use crate::memory::GuestMemory;
-use kvm_ioctls::VmFd;
-use std::sync::Arc;
+//! The modern virtio 1.x PCI transport for a vhost-user device: common,
+//! notify, ISR and device-config capabilities in BAR0, MSI-X with one vector
+//! per queue (+ config). Queue kicks are ioeventfds on the notify addresses
+//! and queue interrupts irqfds on MSI routes; both eventfds go to the backend,
+//! so the VMM only sees configuration accesses. Device config reads are
+//! GET_CONFIG requests to the backend. A watcher thread reconnects to a
+//! backend that went away and replays the device state.
 
-/// A device to attach.
-#[derive(Debug)]
-pub struct DeviceSpec;
-/// Errors.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {}
-/// Device.
-#[derive(Debug)]
-pub struct VirtioPci(super::config::PciConfig);
-impl VirtioPci {
-    /// New.
-    pub fn new(
-        _vm: Arc<VmFd>,
-        _mem: &GuestMemory,
-        _r: IrqRouting,
-        _s: DeviceSpec,
-        _bar: u64,
-        _e: ExitSignal,
-    ) -> Result<Self, Error> {
-        unimplemented!()
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::config::{PciConfig, PciId};
+use super::msix::{MsixTable, NO_VECTOR};
+use super::PciDevice;
+use crate::bus::lock;
+use crate::devices::legacy::ExitSignal;
+use crate::irq::{IrqRouting, MsiMessage};
+use crate::memory::GuestMemory;
+use crate::vhost_user::{Backend, QueueSetup};
+
+const COMMON_OFF: u64 = 0x0000;
+const COMMON_LEN: u64 = 0x38;
+const ISR_OFF: u64 = 0x1000;
+const DEVICE_OFF: u64 = 0x2000;
+const DEVICE_LEN: u64 = 0x1000;
+const NOTIFY_OFF: u64 = 0x3000;
+const NOTIFY_MULT: u64 = 4;
+const MSIX_TABLE_OFF: u64 = 0x4000;
+const MSIX_PBA_OFF: u64 = 0x5000;
+/// BAR0 size.
+pub const BAR_SIZE: u64 = 0x8000;
+/// Largest ring we offer.
+pub const MAX_QUEUE_SIZE: u16 = 256;
+
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Transport features this frontend does not implement (access platform,
+/// SR-IOV, notification data, ring reset, admin queues, LOG_ALL).
+const UNSUPPORTED_TRANSPORT: u64 =
+    (1 << 33) | (1 << 37) | (1 << 38) | (1 << 40) | (1 << 41) | (1 << 26);
+/// virtio-net features that need a control queue, which we do not provide.
+const NET_NEEDS_CTRL_VQ: u64 =
+    (1 << 17) | (1 << 18) | (1 << 19) | (1 << 20) | (1 << 21) | (1 << 22) | (1 << 23);
+
+const STATUS_FEATURES_OK: u8 = 8;
+const STATUS_DRIVER_OK: u8 = 4;
+const STATUS_NEEDS_RESET: u8 = 0x40;
+
+/// Device type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// virtio-blk (device id 2).
+    Block,
+    /// virtio-net (device id 1).
+    Net,
+}
+
+impl DeviceKind {
+    fn id(self) -> u16 {
+        match self {
+            DeviceKind::Net => 1,
+            DeviceKind::Block => 2,
+        }
+    }
+    /// Size of the device config space we read from the backend
+    /// (virtio-blk up to the write-zeroes fields; virtio-net up to the MTU).
+    fn config_len(self) -> usize {
+        match self {
+            DeviceKind::Net => 12,
+            DeviceKind::Block => 60,
+        }
+    }
+    fn class(self) -> u32 {
+        match self {
+            DeviceKind::Net => 0x02_00_00,
+            DeviceKind::Block => 0x01_80_00,
+        }
     }
 }
-impl super::PciDevice for VirtioPci {
-    fn config(&self) -> &super::config::PciConfig {
-        &self.0
+
+/// A device to attach: its kind and its connected backend.
+#[derive(Debug)]
+pub struct DeviceSpec {
+    /// Device type.
+    pub kind: DeviceKind,
+    /// The backend, already connected.
+    pub backend: Backend,
+}
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The backend lacks VIRTIO_F_VERSION_1.
+    #[error("vhost-user backend {0} does not offer VIRTIO_F_VERSION_1 (modern virtio)")]
+    NoVersion1(PathBuf),
+    /// KVM refused an ioeventfd/irqfd.
+    #[error("KVM: {0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// eventfd creation.
+    #[error("eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// Starting the reconnect thread.
+    #[error("starting the backend watcher thread")]
+    Thread(#[source] std::io::Error),
+}
+
+#[derive(Debug)]
+struct Queue {
+    size: u16,
+    vector: u16,
+    enabled: bool,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    kick: EventFd,
+    call: EventFd,
+}
+
+/// The device state shared by the vCPUs (through the PCI bus) and the watcher.
+struct State {
+    kind: DeviceKind,
+    path: PathBuf,
+    backend: Option<Backend>,
+    vm: Arc<VmFd>,
+    mem: GuestMemory,
+    routing: IrqRouting,
+    cfg: PciConfig,
+    msix: MsixTable,
+    msix_cap: usize,
+    vector_gsi: Vec<u32>,
+    bar: u64,
+    device_features: u64,
+    driver_features: u64,
+    dfsel: u32,
+    gfsel: u32,
+    status: u8,
+    config_generation: u8,
+    queue_sel: u16,
+    config_vector: u16,
+    queues: Vec<Queue>,
+    /// (queue, gsi) irqfds currently registered.
+    irqfds: Vec<(usize, u32)>,
+    activated: bool,
+}
+
+/// A virtio-pci function (the PCI bus holds this handle; the watcher thread another).
+pub struct VirtioPci {
+    state: Arc<Mutex<State>>,
+    // Snapshot of the config space for reads without touching the state lock
+    // order; refreshed on every config write.
+    cfg: PciConfig,
+}
+
+impl std::fmt::Debug for VirtioPci {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VirtioPci")
     }
-    fn config_write(&mut self, _off: usize, _data: &[u8]) {}
-    fn bar_read(&mut self, _bar: usize, _offset: u64, _data: &mut [u8]) {}
-    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+}
+
+fn virtio_cap(cfg_type: u8, offset: u64, len: u64, extra: Option<u32>) -> Vec<u8> {
+    let cap_len = if extra.is_some() { 20 } else { 16 };
+    let mut c = vec![0x09, 0, cap_len, cfg_type, 0, 0, 0, 0];
+    c.extend_from_slice(&(offset as u32).to_le_bytes());
+    c.extend_from_slice(&(len as u32).to_le_bytes());
+    if let Some(x) = extra {
+        c.extend_from_slice(&x.to_le_bytes());
+    }
+    c
+}
+
+impl VirtioPci {
+    /// A function whose BAR0 sits at `bar`, for `spec`'s backend.
+    pub fn new(
+        vm: Arc<VmFd>,
+        mem: &GuestMemory,
+        routing: IrqRouting,
+        spec: DeviceSpec,
+        bar: u64,
+        exit: ExitSignal,
+    ) -> Result<Self, Error> {
+        let backend = spec.backend;
+        let path = backend.path().to_path_buf();
+        let mut features = backend.features();
+        if features & VIRTIO_F_VERSION_1 == 0 {
+            return Err(Error::NoVersion1(path));
+        }
+        features &= !UNSUPPORTED_TRANSPORT;
+        let nq = match spec.kind {
+            DeviceKind::Block => backend.queue_num() as usize,
+            DeviceKind::Net => {
+                features &= !NET_NEEDS_CTRL_VQ;
+                2
+            }
+        };
+        let mut cfg = PciConfig::new(PciId {
+            vendor: 0x1af4,
+            device: 0x1040 + spec.kind.id(),
+            revision: 1,
+            class: spec.kind.class(),
+            subsystem_vendor: 0x1af4,
+            subsystem: 0x40,
+        });
+        cfg.add_mem_bar(0, bar as u32, BAR_SIZE as u32);
+        cfg.add_capability(&virtio_cap(1, COMMON_OFF, COMMON_LEN, None), &[]);
+        cfg.add_capability(
+            &virtio_cap(
+                2,
+                NOTIFY_OFF,
+                nq as u64 * NOTIFY_MULT,
+                Some(NOTIFY_MULT as u32),
+            ),
+            &[],
+        );
+        cfg.add_capability(&virtio_cap(3, ISR_OFF, 4, None), &[]);
+        cfg.add_capability(&virtio_cap(4, DEVICE_OFF, DEVICE_LEN, None), &[]);
+        let msix = MsixTable::new(nq + 1);
+        let (cap, wmask) = msix.capability(0, MSIX_TABLE_OFF as u32, MSIX_PBA_OFF as u32);
+        let msix_cap = cfg.add_capability(&cap, &wmask);
+        let vector_gsi = (0..=nq).map(|_| routing.allocate()).collect();
+
+        let mut queues = Vec::with_capacity(nq);
+        for q in 0..nq {
+            let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+            let call = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+            let addr = IoEventAddress::Mmio(bar + NOTIFY_OFF + q as u64 * NOTIFY_MULT);
+            vm.register_ioevent(&kick, &addr, NoDatamatch)
+                .map_err(|e| Error::Kvm("KVM_IOEVENTFD", e))?;
+            queues.push(Queue {
+                size: MAX_QUEUE_SIZE,
+                vector: NO_VECTOR,
+                enabled: false,
+                desc: 0,
+                avail: 0,
+                used: 0,
+                kick,
+                call,
+            });
+        }
+        let state = State {
+            kind: spec.kind,
+            path,
+            backend: Some(backend),
+            vm,
+            mem: mem.clone(),
+            routing,
+            cfg: cfg.clone(),
+            msix,
+            msix_cap,
+            vector_gsi,
+            bar,
+            device_features: features,
+            driver_features: 0,
+            dfsel: 0,
+            gfsel: 0,
+            status: 0,
+            config_generation: 0,
+            queue_sel: 0,
+            config_vector: NO_VECTOR,
+            queues,
+            irqfds: Vec::new(),
+            activated: false,
+        };
+        let state = Arc::new(Mutex::new(state));
+        spawn_watcher(state.clone(), exit)?;
+        Ok(VirtioPci { state, cfg })
+    }
+}
+
+impl PciDevice for VirtioPci {
+    fn config(&self) -> &PciConfig {
+        &self.cfg
+    }
+
+    fn config_write(&mut self, off: usize, data: &[u8]) {
+        let mut s = lock(&self.state);
+        s.cfg.write(off, data);
+        let ctl = s.msix_cap + 3;
+        if (off..off + data.len()).contains(&ctl) {
+            let hi = s.cfg.bytes()[ctl];
+            s.msix.set_control(hi);
+            s.update_routes();
+        }
+        if off <= 0x10 && off + data.len() > 0x10 {
+            s.maybe_move_bar();
+        }
+        self.cfg = s.cfg.clone();
+    }
+
+    fn bar_read(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {
+        lock(&self.state).bar_read(offset, data);
+    }
+
+    fn bar_write(&mut self, _bar: usize, offset: u64, data: &[u8]) {
+        lock(&self.state).bar_write(offset, data);
+    }
+}
+
+fn le(data: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = data.len().min(8);
+    b[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(b)
+}
+
+fn put(data: &mut [u8], v: u64) {
+    let b = v.to_le_bytes();
+    for (i, x) in data.iter_mut().enumerate() {
+        *x = b.get(i).copied().unwrap_or(0);
+    }
+}
+
+fn set_half(field: &mut u64, hi: bool, v: u64) {
+    if hi {
+        *field = (*field & 0xffff_ffff) | (v << 32);
+    } else {
+        *field = (*field & !0xffff_ffff) | (v & 0xffff_ffff);
+    }
+}
+
+impl State {
+    fn bar_read(&mut self, off: u64, data: &mut [u8]) {
+        match off {
+            o if o < COMMON_LEN => {
+                let v = self.common_read(o);
+                put(data, v);
+            }
+            o if (ISR_OFF..ISR_OFF + 4).contains(&o) => data.fill(0),
+            o if (DEVICE_OFF..DEVICE_OFF + DEVICE_LEN).contains(&o) => {
+                // Always the whole config from offset 0, as QEMU asks for it:
+                // some backends (libvhost-user, hence qemu-storage-daemon)
+                // ignore the offset of GET_CONFIG.
+                let rel = (o - DEVICE_OFF) as usize;
+                let len = self.kind.config_len();
+                let r = match self.backend.as_mut() {
+                    Some(b) => b.get_config(0, len as u32).map_err(|e| e.to_string()),
+                    None => Err("backend disconnected".to_string()),
+                };
+                match r {
+                    Ok(mut v) => {
+                        self.patch_config(&mut v);
+                        for (i, b) in data.iter_mut().enumerate() {
+                            *b = v.get(rel + i).copied().unwrap_or(0);
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!("{}: reading device config: {e}", self.path.display());
+                        data.fill(0);
+                    }
+                }
+            }
+            o if (MSIX_TABLE_OFF..MSIX_PBA_OFF).contains(&o) => {
+                self.msix.read(o - MSIX_TABLE_OFF, data)
+            }
+            _ => data.fill(0),
+        }
+    }
+
+    /// The frontend owns some config fields, as QEMU does: virtio-blk's
+    /// `num_queues` (offset 34) is the number of queues we expose, whatever
+    /// the backend reports (qemu-storage-daemon reports 0).
+    fn patch_config(&self, config: &mut [u8]) {
+        const BLK_NUM_QUEUES: usize = 34;
+        if self.kind == DeviceKind::Block && config.len() >= BLK_NUM_QUEUES + 2 {
+            let nq = (self.queues.len() as u16).to_le_bytes();
+            config[BLK_NUM_QUEUES..BLK_NUM_QUEUES + 2].copy_from_slice(&nq);
+        }
+    }
+
+    fn bar_write(&mut self, off: u64, data: &[u8]) {
+        match off {
+            o if o < COMMON_LEN => self.common_write(o, le(data)),
+            o if (DEVICE_OFF..DEVICE_OFF + DEVICE_LEN).contains(&o) => {
+                if let Some(b) = self.backend.as_mut() {
+                    if let Err(e) = b.set_config((o - DEVICE_OFF) as u32, data) {
+                        log::warn!("{e}");
+                    }
+                }
+            }
+            o if (NOTIFY_OFF..NOTIFY_OFF + self.queues.len() as u64 * NOTIFY_MULT).contains(&o) => {
+                // Normally an ioeventfd catches these; forward if one slips through.
+                let q = ((o - NOTIFY_OFF) / NOTIFY_MULT) as usize;
+                let _ = self.queues[q].kick.write(1);
+            }
+            o if (MSIX_TABLE_OFF..MSIX_PBA_OFF).contains(&o)
+                && self.msix.write(o - MSIX_TABLE_OFF, data).is_some() =>
+            {
+                self.update_routes();
+            }
+            _ => {}
+        }
+    }
+
+    fn common_read(&self, off: u64) -> u64 {
+        let q = self.queues.get(usize::from(self.queue_sel));
+        match off {
+            0x00 => u64::from(self.dfsel),
+            0x04 => match self.dfsel {
+                0 => self.device_features & 0xffff_ffff,
+                1 => self.device_features >> 32,
+                _ => 0,
+            },
+            0x08 => u64::from(self.gfsel),
+            0x0c => match self.gfsel {
+                0 => self.driver_features & 0xffff_ffff,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            0x10 => u64::from(self.config_vector),
+            0x12 => self.queues.len() as u64,
+            0x14 => u64::from(self.status),
+            0x15 => u64::from(self.config_generation),
+            0x16 => u64::from(self.queue_sel),
+            0x18 => q.map_or(0, |q| u64::from(q.size)),
+            0x1a => q.map_or(u64::from(NO_VECTOR), |q| u64::from(q.vector)),
+            0x1c => q.map_or(0, |q| u64::from(q.enabled)),
+            0x1e => u64::from(self.queue_sel),
+            0x20 => q.map_or(0, |q| q.desc & 0xffff_ffff),
+            0x24 => q.map_or(0, |q| q.desc >> 32),
+            0x28 => q.map_or(0, |q| q.avail & 0xffff_ffff),
+            0x2c => q.map_or(0, |q| q.avail >> 32),
+            0x30 => q.map_or(0, |q| q.used & 0xffff_ffff),
+            0x34 => q.map_or(0, |q| q.used >> 32),
+            _ => 0,
+        }
+    }
+
+    fn common_write(&mut self, off: u64, v: u64) {
+        let sel = usize::from(self.queue_sel);
+        let nvec = self.msix.entries.len() as u64;
+        match off {
+            0x00 => self.dfsel = v as u32,
+            0x08 => self.gfsel = v as u32,
+            0x0c => match self.gfsel {
+                0 => set_half(&mut self.driver_features, false, v),
+                1 => set_half(&mut self.driver_features, true, v),
+                _ => {}
+            },
+            0x10 => self.config_vector = if v < nvec { v as u16 } else { NO_VECTOR },
+            0x14 => self.set_status(v as u8),
+            0x16 => self.queue_sel = v as u16,
+            _ => {
+                let Some(q) = self.queues.get_mut(sel) else {
+                    return;
+                };
+                match off {
+                    0x18 => {
+                        let s = v as u16;
+                        if s.is_power_of_two() && s <= MAX_QUEUE_SIZE {
+                            q.size = s;
+                        }
+                    }
+                    0x1a => q.vector = if v < nvec { v as u16 } else { NO_VECTOR },
+                    0x1c => q.enabled = v & 1 == 1,
+                    0x20 => set_half(&mut q.desc, false, v),
+                    0x24 => set_half(&mut q.desc, true, v),
+                    0x28 => set_half(&mut q.avail, false, v),
+                    0x2c => set_half(&mut q.avail, true, v),
+                    0x30 => set_half(&mut q.used, false, v),
+                    0x34 => set_half(&mut q.used, true, v),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn set_status(&mut self, v: u8) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let mut v = v;
+        if v & STATUS_FEATURES_OK != 0
+            && self.status & STATUS_FEATURES_OK == 0
+            && (self.driver_features & !self.device_features != 0
+                || self.driver_features & VIRTIO_F_VERSION_1 == 0)
+        {
+            // The driver acked something we did not offer: refuse FEATURES_OK.
+            v &= !STATUS_FEATURES_OK;
+        }
+        let newly_ok = v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
+        self.status = v;
+        if newly_ok {
+            if let Err(e) = self.activate(false) {
+                log::error!("{}: activation failed: {e}", self.path.display());
+                self.status |= STATUS_NEEDS_RESET;
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            if let Some(b) = self.backend.as_mut() {
+                b.stop();
+            }
+        }
+        self.unregister_irqfds();
+        self.activated = false;
+        self.status = 0;
+        self.driver_features = 0;
+        self.dfsel = 0;
+        self.gfsel = 0;
+        self.queue_sel = 0;
+        self.config_vector = NO_VECTOR;
+        for q in &mut self.queues {
+            q.size = MAX_QUEUE_SIZE;
+            q.vector = NO_VECTOR;
+            q.enabled = false;
+            q.desc = 0;
+            q.avail = 0;
+            q.used = 0;
+        }
+    }
+
+    fn unregister_irqfds(&mut self) {
+        for (q, gsi) in std::mem::take(&mut self.irqfds) {
+            if let Err(e) = self.vm.unregister_irqfd(&self.queues[q].call, gsi) {
+                log::warn!("unregistering irqfd for queue {q}: {e}");
+            }
+        }
+    }
+
+    /// Wires the irqfds and starts the backend. `resume`: after a reconnect,
+    /// the rings continue where the guest's used index says.
+    fn activate(&mut self, resume: bool) -> Result<(), String> {
+        if !resume {
+            self.unregister_irqfds();
+            for (i, q) in self.queues.iter().enumerate() {
+                if !q.enabled || q.vector == NO_VECTOR {
+                    continue;
+                }
+                let gsi = self.vector_gsi[usize::from(q.vector)];
+                self.vm
+                    .register_irqfd(&q.call, gsi)
+                    .map_err(|e| format!("KVM_IRQFD for queue {i}: {e}"))?;
+                self.irqfds.push((i, gsi));
+            }
+            self.update_routes();
+        }
+        self.activated = true;
+        let Some(backend) = self.backend.as_mut() else {
+            // Disconnected: the watcher starts the device when the backend is back.
+            return Ok(());
+        };
+        let mut setups = Vec::new();
+        for (i, q) in self.queues.iter().enumerate() {
+            if !q.enabled {
+                continue;
+            }
+            let base = if resume {
+                // used->idx: everything before it completed.
+                self.mem
+                    .read_obj::<u16>(GuestAddress(q.used + 2))
+                    .map_err(|e| format!("reading the used index of queue {i}: {e}"))?
+            } else {
+                0
+            };
+            setups.push(QueueSetup {
+                index: i,
+                size: q.size,
+                max_size: MAX_QUEUE_SIZE,
+                desc: q.desc,
+                avail: q.avail,
+                used: q.used,
+                base,
+                kick: &q.kick,
+                call: (q.vector != NO_VECTOR).then_some(&q.call),
+            });
+        }
+        let acked = self.driver_features;
+        backend
+            .activate(&self.mem, acked, &setups)
+            .map_err(|e| e.to_string())?;
+        if resume {
+            // Requests may have completed while nobody listened: let the
+            // guest look at its used rings.
+            for s in &setups {
+                if let Some(c) = s.call {
+                    let _ = c.write(1);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn update_routes(&mut self) {
+        for v in 0..self.vector_gsi.len() {
+            let msg = self
+                .msix
+                .message(v)
+                .map(|(addr, data)| MsiMessage { addr, data });
+            if let Err(e) = self.routing.set_msi(self.vector_gsi[v], msg) {
+                log::error!("MSI route for vector {v}: {e}");
+            }
+        }
+    }
+
+    fn maybe_move_bar(&mut self) {
+        let (new, _) = self.cfg.bar(0);
+        if new == self.bar
+            || new < crate::memory::PCI_MMIO_START
+            || new + BAR_SIZE > crate::memory::PCI_MMIO_START + crate::memory::PCI_MMIO_SIZE
+        {
+            return;
+        }
+        for (q, queue) in self.queues.iter().enumerate() {
+            let old = IoEventAddress::Mmio(self.bar + NOTIFY_OFF + q as u64 * NOTIFY_MULT);
+            let _ = self.vm.unregister_ioevent(&queue.kick, &old, NoDatamatch);
+            let addr = IoEventAddress::Mmio(new + NOTIFY_OFF + q as u64 * NOTIFY_MULT);
+            if let Err(e) = self.vm.register_ioevent(&queue.kick, &addr, NoDatamatch) {
+                log::error!("moving the notify ioeventfd of queue {q}: {e}");
+            }
+        }
+        self.bar = new;
+    }
+}
+
+fn poll_hangup(fd: RawFd, timeout_ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
+/// Watches the backend socket; when it hangs up, reconnects (every 100 ms)
+/// and replays features, memory table and rings if the device was running.
+fn spawn_watcher(state: Arc<Mutex<State>>, exit: ExitSignal) -> Result<(), Error> {
+    std::thread::Builder::new()
+        .name("vhost-watch".into())
+        .spawn(move || loop {
+            if exit.is_set() {
+                return;
+            }
+            let fd = lock(&state).backend.as_ref().map(Backend::raw_fd);
+            match fd {
+                Some(fd) => {
+                    if !poll_hangup(fd, 200) || exit.is_set() {
+                        continue;
+                    }
+                    let mut s = lock(&state);
+                    log::warn!(
+                        "{}: backend disconnected; waiting for it to come back",
+                        s.path.display()
+                    );
+                    s.backend = None;
+                }
+                None => {
+                    let path = lock(&state).path.clone();
+                    let b = match Backend::connect(&path, Duration::from_millis(100)) {
+                        Ok(b) => b,
+                        Err(_) => {
+                            std::thread::sleep(Duration::from_millis(100));
+                            continue;
+                        }
+                    };
+                    let mut s = lock(&state);
+                    let missing = s.device_features & !b.features() & !NET_NEEDS_CTRL_VQ;
+                    if missing != 0 {
+                        log::error!(
+                            "{}: reconnected backend lacks features {missing:#x}; not resuming",
+                            path.display()
+                        );
+                        drop(s);
+                        std::thread::sleep(Duration::from_secs(1));
+                        continue;
+                    }
+                    s.backend = Some(b);
+                    if s.activated {
+                        match s.activate(true) {
+                            Ok(()) => log::warn!(
+                                "{}: backend reconnected, device resumed",
+                                path.display()
+                            ),
+                            Err(e) => {
+                                log::error!("{}: resuming after reconnect: {e}", path.display());
+                                s.backend = None;
+                            }
+                        }
+                    } else {
+                        log::warn!("{}: backend reconnected", path.display());
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(Error::Thread)
 }

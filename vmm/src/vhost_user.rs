@@ -1,0 +1,255 @@
+//! The vhost-user frontend side of one device: connect and negotiate,
+//! read/write config space (GET_CONFIG/SET_CONFIG), hand the memory table,
+//! the rings, the kick eventfds (ioeventfds) and the call eventfds (irqfds)
+//! to the backend, and stop the rings on reset. No virtio-pci knowledge.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestMemory;
+
+/// VHOST_USER_F_PROTOCOL_FEATURES (a vhost-user bit in the feature word).
+pub const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+/// Most queues we ever ask for.
+pub const MAX_QUEUES: u64 = 64;
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Could not connect in time.
+    #[error("cannot connect to vhost-user backend {0}")]
+    Connect(PathBuf, #[source] vhost::Error),
+    /// A protocol request failed.
+    #[error("vhost-user backend {0}: {1} failed")]
+    Request(PathBuf, &'static str, #[source] vhost::Error),
+    /// The backend lacks something we need.
+    #[error("vhost-user backend {0}: {1}")]
+    Refused(PathBuf, String),
+    /// Guest memory cannot be shared (not file-backed).
+    #[error("guest memory region cannot be shared with the backend")]
+    Memory(#[source] vhost::Error),
+    /// A ring address is outside guest memory.
+    #[error("queue {0}: ring address {1:#x} is outside guest memory")]
+    RingAddress(usize, u64),
+}
+
+/// What the backend must do for one queue.
+#[derive(Debug)]
+pub struct QueueSetup<'a> {
+    /// Queue index.
+    pub index: usize,
+    /// Ring size the driver chose.
+    pub size: u16,
+    /// Largest size we offered.
+    pub max_size: u16,
+    /// Guest addresses of the descriptor table, available and used rings.
+    pub desc: u64,
+    /// Available (driver) ring.
+    pub avail: u64,
+    /// Used (device) ring.
+    pub used: u64,
+    /// Next available index to process (0 on a fresh start).
+    pub base: u16,
+    /// Kick eventfd (an ioeventfd on the notify address).
+    pub kick: &'a EventFd,
+    /// Call eventfd (an irqfd), or none.
+    pub call: Option<&'a EventFd>,
+}
+
+/// A connected backend.
+pub struct Backend {
+    path: PathBuf,
+    fe: Frontend,
+    features: u64,
+    protocol: VhostUserProtocolFeatures,
+    queue_num: u64,
+    started: Vec<usize>,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("path", &self.path)
+            .field("features", &format_args!("{:#x}", self.features))
+            .field("protocol", &self.protocol)
+            .field("queue_num", &self.queue_num)
+            .finish()
+    }
+}
+
+impl Backend {
+    /// Connects (retrying until `timeout` while the socket is not there yet)
+    /// and negotiates the protocol features.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Self, Error> {
+        let t0 = Instant::now();
+        let fe = loop {
+            match Frontend::connect(path, MAX_QUEUES) {
+                Ok(fe) => break fe,
+                Err(e) if t0.elapsed() >= timeout => {
+                    return Err(Error::Connect(path.into(), e));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let req = |what, e| Error::Request(path.into(), what, e);
+        fe.set_owner().map_err(|e| req("SET_OWNER", e))?;
+        let features = fe.get_features().map_err(|e| req("GET_FEATURES", e))?;
+        let mut b = Backend {
+            path: path.into(),
+            fe,
+            features,
+            protocol: VhostUserProtocolFeatures::empty(),
+            queue_num: 1,
+            started: Vec::new(),
+        };
+        if features & PROTOCOL_FEATURES_BIT != 0 {
+            let offered =
+                b.fe.get_protocol_features()
+                    .map_err(|e| req("GET_PROTOCOL_FEATURES", e))?;
+            let want = VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::REPLY_ACK;
+            b.protocol = offered & want;
+            b.fe.set_protocol_features(b.protocol)
+                .map_err(|e| req("SET_PROTOCOL_FEATURES", e))?;
+            if b.protocol.contains(VhostUserProtocolFeatures::MQ) {
+                b.queue_num =
+                    b.fe.get_queue_num()
+                        .map_err(|e| req("GET_QUEUE_NUM", e))?
+                        .clamp(1, MAX_QUEUES);
+            }
+        }
+        Ok(b)
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Virtio features the backend offers (without the vhost-user bit).
+    pub fn features(&self) -> u64 {
+        self.features & !PROTOCOL_FEATURES_BIT
+    }
+
+    /// Queues the backend supports (1 without MQ).
+    pub fn queue_num(&self) -> u64 {
+        self.queue_num
+    }
+
+    /// Whether config space can be read from the backend.
+    pub fn has_config(&self) -> bool {
+        self.protocol.contains(VhostUserProtocolFeatures::CONFIG)
+    }
+
+    /// The socket fd (to watch for a hang-up).
+    pub fn raw_fd(&self) -> RawFd {
+        self.fe.as_raw_fd()
+    }
+
+    /// GET_CONFIG of `len` bytes at `offset`.
+    pub fn get_config(&mut self, offset: u32, len: u32) -> Result<Vec<u8>, Error> {
+        if !self.has_config() {
+            return Err(Error::Refused(
+                self.path.clone(),
+                "does not offer the CONFIG protocol feature (device config space)".into(),
+            ));
+        }
+        let buf = vec![0u8; len as usize];
+        let (_, data) = self
+            .fe
+            .get_config(offset, len, VhostUserConfigFlags::WRITABLE, &buf)
+            .map_err(|e| Error::Request(self.path.clone(), "GET_CONFIG", e))?;
+        Ok(data)
+    }
+
+    /// SET_CONFIG (writable fields such as the block write-cache mode).
+    pub fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), Error> {
+        if !self.has_config() {
+            return Ok(());
+        }
+        self.fe
+            .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
+            .map_err(|e| Error::Request(self.path.clone(), "SET_CONFIG", e))
+    }
+
+    /// Starts the device: features, memory table, then each queue.
+    pub fn activate(
+        &mut self,
+        mem: &GuestMemory,
+        acked: u64,
+        queues: &[QueueSetup<'_>],
+    ) -> Result<(), Error> {
+        let path = self.path.clone();
+        let req = |what, e| Error::Request(path.clone(), what, e);
+        let proto = self.features & PROTOCOL_FEATURES_BIT;
+        self.fe
+            .set_features(acked | proto)
+            .map_err(|e| req("SET_FEATURES", e))?;
+        let regions = mem
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).map_err(Error::Memory))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.fe
+            .set_mem_table(&regions)
+            .map_err(|e| req("SET_MEM_TABLE", e))?;
+        let hva = |q: usize, gpa: u64, len: usize| {
+            mem.get_slice(GuestAddress(gpa), len)
+                .map(|s| s.ptr_guard().as_ptr() as u64)
+                .map_err(|_| Error::RingAddress(q, gpa))
+        };
+        self.started.clear();
+        for q in queues {
+            let size = usize::from(q.size);
+            let cfg = VringConfigData {
+                queue_max_size: q.max_size,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: hva(q.index, q.desc, 16 * size)?,
+                used_ring_addr: hva(q.index, q.used, 6 + 8 * size)?,
+                avail_ring_addr: hva(q.index, q.avail, 6 + 2 * size)?,
+                log_addr: None,
+            };
+            self.fe
+                .set_vring_num(q.index, q.size)
+                .map_err(|e| req("SET_VRING_NUM", e))?;
+            self.fe
+                .set_vring_addr(q.index, &cfg)
+                .map_err(|e| req("SET_VRING_ADDR", e))?;
+            self.fe
+                .set_vring_base(q.index, q.base)
+                .map_err(|e| req("SET_VRING_BASE", e))?;
+            if let Some(call) = q.call {
+                self.fe
+                    .set_vring_call(q.index, call)
+                    .map_err(|e| req("SET_VRING_CALL", e))?;
+            }
+            self.fe
+                .set_vring_kick(q.index, q.kick)
+                .map_err(|e| req("SET_VRING_KICK", e))?;
+            if proto != 0 {
+                self.fe
+                    .set_vring_enable(q.index, true)
+                    .map_err(|e| req("SET_VRING_ENABLE", e))?;
+            }
+            self.started.push(q.index);
+        }
+        Ok(())
+    }
+
+    /// Stops every started queue (GET_VRING_BASE), as on a device reset.
+    pub fn stop(&mut self) {
+        for q in std::mem::take(&mut self.started) {
+            if let Err(e) = self.fe.get_vring_base(q) {
+                log::warn!("{}: GET_VRING_BASE({q}): {e}", self.path.display());
+            }
+        }
+    }
+}
