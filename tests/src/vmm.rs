@@ -201,6 +201,17 @@ impl Outboard {
 
     /// Runs the guest until it powers off (killed after `timeout`).
     pub fn run(&self, script: &str, timeout: Duration) -> OutboardRun {
+        self.run_with(script, timeout, |_| {})
+    }
+
+    /// [`Self::run`], calling `on_line` with each serial line as it arrives (to act on
+    /// the host while the guest runs).
+    pub fn run_with(
+        &self,
+        script: &str,
+        timeout: Duration,
+        mut on_line: impl FnMut(&str),
+    ) -> OutboardRun {
         let t0 = Instant::now();
         let mut child = self
             .command(script)
@@ -237,6 +248,7 @@ impl Outboard {
             }
             match rx.recv_timeout(deadline - now) {
                 Ok((at, l)) => {
+                    on_line(&l);
                     if to_userspace.is_none() && l.trim_end() == START_MARKER {
                         to_userspace = Some(at - t0);
                     }
