@@ -10,7 +10,8 @@
 # Later issues add what their tests need here (e.g. iproute2).
 # shellcheck disable=SC2034 # used by the scripts that source this file
 #   e2fsprogs: mke2fs for the PVM guest initramfs and debugfs in the VMM disk test (issue #6)
-OUTBOARD_APT_PACKAGES=(qemu-utils gcc libc6-dev qemu-system-x86 cpio e2fsprogs)
+#   iproute2: network namespaces, bridges and veths of the VMM network test (issue #6)
+OUTBOARD_APT_PACKAGES=(qemu-utils gcc libc6-dev qemu-system-x86 cpio e2fsprogs iproute2)
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() {

@@ -82,6 +82,7 @@ pub struct Outboard {
     nets: Vec<String>,
     wait: Vec<String>,
     extra_cmdline: Vec<String>,
+    netns: Option<String>,
 }
 
 /// What a run produced.
@@ -128,6 +129,7 @@ impl Outboard {
             nets: vec![],
             wait: vec![],
             extra_cmdline: vec![],
+            netns: None,
         }
     }
 
@@ -159,6 +161,12 @@ impl Outboard {
         self
     }
 
+    /// Runs `outboard` inside network namespace `name` (`ip netns exec`).
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_string());
+        self
+    }
+
     /// Extra kernel parameters.
     pub fn cmdline(mut self, p: &str) -> Self {
         self.extra_cmdline.push(p.to_string());
@@ -179,7 +187,15 @@ impl Outboard {
         }
         cmdline.extend(self.extra_cmdline.iter().cloned());
         cmdline.push(format!("ob_script={}", base64(script.as_bytes())));
-        let mut c = Command::new(workspace_binary("outboard"));
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns])
+                    .arg(workspace_binary("outboard"));
+                c
+            }
+            None => Command::new(workspace_binary("outboard")),
+        };
         c.arg("--kernel")
             .arg(&self.guest.kernel)
             .arg("--initramfs")
@@ -210,11 +226,34 @@ impl Outboard {
         &self,
         script: &str,
         timeout: Duration,
+        on_line: impl FnMut(&str),
+    ) -> OutboardRun {
+        self.run_full(script, timeout, &[], on_line)
+    }
+
+    /// [`Self::run`] with extra environment variables for `outboard`.
+    pub fn run_with_env(
+        &self,
+        script: &str,
+        timeout: Duration,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> OutboardRun {
+        self.run_full(script, timeout, env, |_| {})
+    }
+
+    fn run_full(
+        &self,
+        script: &str,
+        timeout: Duration,
+        env: &[(&str, &std::ffi::OsStr)],
         mut on_line: impl FnMut(&str),
     ) -> OutboardRun {
         let t0 = Instant::now();
-        let mut child = self
-            .command(script)
+        let mut cmd = self.command(script);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -286,5 +325,24 @@ impl Outboard {
             total,
             stderr,
         }
+    }
+}
+
+/// Our `vhost-user-net` binary (`OUTBOARD_VHOST_USER_NET`, else next to the test binaries),
+/// or why there is none.
+pub fn vhost_user_net_binary() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("OUTBOARD_VHOST_USER_NET") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("vhost-user-net"))
+        .ok_or("no target directory")?;
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!("{} is not built", p.display()))
     }
 }
