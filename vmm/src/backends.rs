@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::cli::{DiskSpec, NetSpec};
+use crate::cli::{parse_mac, DiskSpec, NetSpec};
 use crate::pci::virtio::{DeviceKind, DeviceSpec};
 use crate::vhost_user::{self, Backend};
 
@@ -172,13 +172,14 @@ pub fn disk(children: &mut Children, spec: &DiskSpec, index: usize) -> Result<De
     Ok(DeviceSpec {
         kind: DeviceKind::Block,
         backend,
+        mac: None,
     })
 }
 
 /// Connects or starts the backend of one NIC.
 pub fn net(children: &mut Children, spec: &NetSpec, index: usize) -> Result<DeviceSpec, Error> {
     let backend = match spec {
-        NetSpec::Socket(p) => Backend::connect(p, START_TIMEOUT)?,
+        NetSpec::Socket(p, _) => Backend::connect(p, START_TIMEOUT)?,
         NetSpec::Tap { tap, bridge, mac } => {
             let bin = daemon_binary("vhost-user-net", "OUTBOARD_VHOST_USER_NET")?;
             let sock = children.dir()?.join(format!("net{index}.sock"));
@@ -193,8 +194,22 @@ pub fn net(children: &mut Children, spec: &NetSpec, index: usize) -> Result<Devi
             spawn(children, format!("vhost-user-net ({tap})"), cmd, &sock)?
         }
     };
+    let mac = match spec {
+        NetSpec::Socket(_, m) | NetSpec::Tap { mac: m, .. } => m.as_deref().and_then(parse_mac),
+    };
     Ok(DeviceSpec {
         kind: DeviceKind::Net,
         backend,
+        mac: Some(mac.unwrap_or_else(random_mac)),
     })
+}
+
+/// A locally administered MAC (52:54:00:xx:xx:xx) from the clock and pid.
+fn random_mac() -> [u8; 6] {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        ^ std::process::id().rotate_left(16);
+    [0x52, 0x54, 0x00, (t >> 16) as u8, (t >> 8) as u8, t as u8]
 }

@@ -34,7 +34,7 @@ pub struct Args {
     /// vhost-user-blk on a private socket). Repeat for more disks.
     #[arg(long = "disk")]
     pub disks: Vec<String>,
-    /// A NIC: `socket=PATH` or `tap=NAME[,bridge=BR][,mac=MAC]` (starts our
+    /// A NIC: `socket=PATH[,mac=MAC]` or `tap=NAME[,bridge=BR][,mac=MAC]` (starts our
     /// vhost-user-net). Repeat for more NICs.
     #[arg(long = "net")]
     pub nets: Vec<String>,
@@ -103,8 +103,9 @@ pub enum DiskSpec {
 /// How a NIC is served.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetSpec {
-    /// An existing backend socket.
-    Socket(PathBuf),
+    /// An existing backend socket (and the MAC to give the guest when the
+    /// backend does not provide the config space itself).
+    Socket(PathBuf, Option<String>),
     /// Our vhost-user-net started on a tap.
     Tap {
         /// Tap name.
@@ -156,6 +157,22 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, Error> {
     }
 }
 
+/// Parses a MAC address `52:54:00:12:34:56`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<_> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut m = [0u8; 6];
+    for (b, p) in m.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(m)
+}
+
 /// Parses one `--net` value.
 pub fn parse_net(s: &str) -> Result<NetSpec, Error> {
     let bad = |m: &str| Error::BadOption("net", s.to_string(), m.to_string());
@@ -166,8 +183,13 @@ pub fn parse_net(s: &str) -> Result<NetSpec, Error> {
             return Err(bad(&format!("unknown key {k:?}")));
         }
     }
+    if let Some(m) = get("mac") {
+        if parse_mac(&m).is_none() {
+            return Err(bad("mac must look like 52:54:00:12:34:56"));
+        }
+    }
     match (get("socket"), get("tap")) {
-        (Some(sock), None) => Ok(NetSpec::Socket(sock.into())),
+        (Some(sock), None) => Ok(NetSpec::Socket(sock.into(), get("mac"))),
         (None, Some(tap)) => Ok(NetSpec::Tap {
             tap,
             bridge: get("bridge"),
@@ -221,5 +243,17 @@ mod tests {
             })
         );
         assert!(parse_net("bridge=br0").is_err());
+        assert!(parse_net("tap=t0,mac=52:54:00").is_err());
+        assert_eq!(
+            parse_net("socket=/s,mac=52:54:00:00:00:0a").ok(),
+            Some(NetSpec::Socket(
+                "/s".into(),
+                Some("52:54:00:00:00:0a".into())
+            ))
+        );
+        assert_eq!(
+            parse_mac("52:54:00:ab:cd:ef"),
+            Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef])
+        );
     }
 }

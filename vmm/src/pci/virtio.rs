@@ -47,6 +47,10 @@ const UNSUPPORTED_TRANSPORT: u64 =
 const NET_NEEDS_CTRL_VQ: u64 =
     (1 << 17) | (1 << 18) | (1 << 19) | (1 << 20) | (1 << 21) | (1 << 22) | (1 << 23);
 
+const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+const VIRTIO_NET_S_LINK_UP: u16 = 1;
+
 const STATUS_FEATURES_OK: u8 = 8;
 const STATUS_DRIVER_OK: u8 = 4;
 const STATUS_NEEDS_RESET: u8 = 0x40;
@@ -90,6 +94,9 @@ pub struct DeviceSpec {
     pub kind: DeviceKind,
     /// The backend, already connected.
     pub backend: Backend,
+    /// For a NIC: the MAC we serve in the config space when the backend
+    /// does not offer the CONFIG protocol feature (as QEMU does).
+    pub mac: Option<[u8; 6]>,
 }
 
 /// Errors of this module.
@@ -124,6 +131,7 @@ struct Queue {
 /// The device state shared by the vCPUs (through the PCI bus) and the watcher.
 struct State {
     kind: DeviceKind,
+    local_config: Option<Vec<u8>>,
     path: PathBuf,
     backend: Option<Backend>,
     vm: Arc<VmFd>,
@@ -197,6 +205,18 @@ impl VirtioPci {
                 2
             }
         };
+        // A NIC whose backend has no config space: we serve MAC and link status.
+        let local_config = match (spec.kind, spec.mac, backend.has_config()) {
+            (DeviceKind::Net, Some(mac), false) => {
+                features |= VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS;
+                let mut c = mac.to_vec();
+                c.extend_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+                c.extend_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
+                c.extend_from_slice(&1500u16.to_le_bytes()); // mtu
+                Some(c)
+            }
+            _ => None,
+        };
         let mut cfg = PciConfig::new(PciId {
             vendor: 0x1af4,
             device: 0x1040 + spec.kind.id(),
@@ -243,6 +263,7 @@ impl VirtioPci {
         }
         let state = State {
             kind: spec.kind,
+            local_config,
             path,
             backend: Some(backend),
             vm,
@@ -336,9 +357,10 @@ impl State {
                 // ignore the offset of GET_CONFIG.
                 let rel = (o - DEVICE_OFF) as usize;
                 let len = self.kind.config_len();
-                let r = match self.backend.as_mut() {
-                    Some(b) => b.get_config(0, len as u32).map_err(|e| e.to_string()),
-                    None => Err("backend disconnected".to_string()),
+                let r = match (&self.local_config, self.backend.as_mut()) {
+                    (Some(c), _) => Ok(c.clone()),
+                    (None, Some(b)) => b.get_config(0, len as u32).map_err(|e| e.to_string()),
+                    (None, None) => Err("backend disconnected".to_string()),
                 };
                 match r {
                     Ok(mut v) => {
@@ -662,7 +684,12 @@ fn spawn_watcher(state: Arc<Mutex<State>>, exit: ExitSignal) -> Result<(), Error
                         }
                     };
                     let mut s = lock(&state);
-                    let missing = s.device_features & !b.features() & !NET_NEEDS_CTRL_VQ;
+                    let local = if s.local_config.is_some() {
+                        VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
+                    } else {
+                        0
+                    };
+                    let missing = s.device_features & !b.features() & !local;
                     if missing != 0 {
                         log::error!(
                             "{}: reconnected backend lacks features {missing:#x}; not resuming",
