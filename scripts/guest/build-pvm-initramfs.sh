@@ -9,6 +9,10 @@
 #
 # Output: OUTDIR/pvm-initramfs.cpio.gz. Cached: rebuilt only when the busybox version, this
 # script, init or mke2fs change (OUTDIR/pvm-initramfs.stamp). OB_GUEST_FORCE=1 rebuilds.
+#
+# OB_PVM_FIO=1 adds fio (for benchmarks): it is taken, with its libraries, from the Debian
+# test guest's initramfs (scripts/guest/build-guest.sh OUTDIR, run when missing) and the
+# output is OUTDIR/pvm-initramfs-fio.cpio.gz instead.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -23,6 +27,14 @@ for c in apt-get dpkg-deb cpio gzip ldd flock; do require_cmd "$c" "needed to bu
 MKE2FS="$(command -v mke2fs || true)"
 [[ -n "$MKE2FS" ]] || die "mke2fs not found: apt-get install e2fsprogs"
 
+NAME=pvm-initramfs
+FIO_SRC=""
+if [[ "${OB_PVM_FIO:-0}" == 1 ]]; then
+    NAME=pvm-initramfs-fio
+    bash "$HERE/build-guest.sh" "$OUT"
+    FIO_SRC="$OUT/initramfs.cpio.gz"
+fi
+
 exec 9>"$OUT/.pvm-initramfs.lock"
 flock 9
 
@@ -32,10 +44,10 @@ if [[ -z "$BBVER" || "$BBVER" == "(none)" ]]; then
     apt-get update -q >/dev/null
     BBVER="$(apt-cache policy busybox-static | sed -n 's/^ *Candidate: //p')"
 fi
-STAMP="busybox-static=$BBVER $(sha256sum "$0" "$HERE/init" "$MKE2FS" | awk '{print $1}' | paste -sd' ')"
-if [[ "${OB_GUEST_FORCE:-0}" != 1 && -f "$OUT/pvm-initramfs.cpio.gz" && -f "$OUT/pvm-initramfs.stamp" &&
-    "$(cat "$OUT/pvm-initramfs.stamp")" == "$STAMP" ]]; then
-    log "build-pvm-initramfs: $OUT/pvm-initramfs.cpio.gz is up to date"
+STAMP="busybox-static=$BBVER $(sha256sum "$0" "$HERE/init" "$MKE2FS" ${FIO_SRC:+"$FIO_SRC"} | awk '{print $1}' | paste -sd' ')"
+if [[ "${OB_GUEST_FORCE:-0}" != 1 && -f "$OUT/$NAME.cpio.gz" && -f "$OUT/$NAME.stamp" &&
+    "$(cat "$OUT/$NAME.stamp")" == "$STAMP" ]]; then
+    log "build-pvm-initramfs: $OUT/$NAME.cpio.gz is up to date"
     exit 0
 fi
 
@@ -70,6 +82,12 @@ ln -s x86_64-linux-gnu/ld-linux-x86-64.so.2 "$R/lib/ld-linux-x86-64.so.2"
 # mke2fs reads /etc/mke2fs.conf when present; its built-in defaults are fine without.
 # Call it as /usr/sbin/mke2fs: busybox sh runs its own applets first (FEATURE_SH_STANDALONE).
 
+if [[ -n "$FIO_SRC" ]]; then
+    # fio and the libraries build-guest.sh resolved for it (no kernel modules: the PVM kernel has none).
+    (cd "$R" && zcat "$FIO_SRC" | cpio -idmu --quiet 'usr/bin/fio' 'lib/x86_64-linux-gnu/*' 'usr/lib/*')
+    [[ -x "$R/usr/bin/fio" ]] || die "build-pvm-initramfs: no usr/bin/fio in $FIO_SRC"
+fi
+
 cp "$HERE/init" "$R/init"
 chmod 755 "$R/init"
 echo 'root:x:0:0:root:/root:/bin/sh' >"$R/etc/passwd"
@@ -77,8 +95,8 @@ echo 'root:x:0:' >"$R/etc/group"
 : >"$R/etc/mtab"
 
 (cd "$R" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet -R 0:0) |
-    gzip -6 -n >"$OUT/pvm-initramfs.cpio.gz.tmp"
-mv "$OUT/pvm-initramfs.cpio.gz.tmp" "$OUT/pvm-initramfs.cpio.gz"
-printf '%s\n' "$STAMP" >"$OUT/pvm-initramfs.stamp"
+    gzip -6 -n >"$OUT/$NAME.cpio.gz.tmp"
+mv "$OUT/$NAME.cpio.gz.tmp" "$OUT/$NAME.cpio.gz"
+printf '%s\n' "$STAMP" >"$OUT/$NAME.stamp"
 rm -rf "$WORK"
-log "build-pvm-initramfs: done: $OUT/pvm-initramfs.cpio.gz ($(du -h "$OUT/pvm-initramfs.cpio.gz" | cut -f1))"
+log "build-pvm-initramfs: done: $OUT/$NAME.cpio.gz ($(du -h "$OUT/$NAME.cpio.gz" | cut -f1))"
