@@ -141,6 +141,8 @@ struct State {
     msix: MsixTable,
     msix_cap: usize,
     vector_gsi: Vec<u32>,
+    /// The MSI message each vector is routed to now (None: masked/disabled).
+    routes: Vec<Option<MsiMessage>>,
     bar: u64,
     device_features: u64,
     driver_features: u64,
@@ -272,6 +274,7 @@ impl VirtioPci {
             cfg: cfg.clone(),
             msix,
             msix_cap,
+            routes: vec![None; nq + 1],
             vector_gsi,
             bar,
             device_features: features,
@@ -615,8 +618,18 @@ impl State {
                 .msix
                 .message(v)
                 .map(|(addr, data)| MsiMessage { addr, data });
+            let was_live = self.routes[v].is_some();
             if let Err(e) = self.routing.set_msi(self.vector_gsi[v], msg) {
                 log::error!("MSI route for vector {v}: {e}");
+                continue;
+            }
+            self.routes[v] = msg;
+            if self.activated && !was_live && msg.is_some() {
+                // An interrupt signalled while the vector was masked had no
+                // route and was dropped: deliver one now (the spec's pending bit).
+                for q in self.queues.iter().filter(|q| usize::from(q.vector) == v) {
+                    let _ = q.call.write(1);
+                }
             }
         }
     }
