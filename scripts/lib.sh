@@ -8,8 +8,11 @@
 #     brings qemu-storage-daemon (qemu-system-common), the reference vhost-user-blk backend
 #   cpio: scripts/guest/build-guest.sh packs the test guest's initramfs with it
 # Later issues add what their tests need here (e.g. iproute2).
+#   iproute2: `ip netns`/veth/bridge setup of the vhost-user-net tests (tests/src/netns.rs)
+#   dpdk-dev: dpdk-testpmd, the virtio-user frontend of tests/tests/net_dpdk.rs
 # shellcheck disable=SC2034 # used by the scripts that source this file
 OUTBOARD_APT_PACKAGES=(qemu-utils gcc libc6-dev qemu-system-x86 cpio)
+OUTBOARD_APT_PACKAGES+=(iproute2 dpdk-dev)
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() {
