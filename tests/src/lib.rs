@@ -10,6 +10,7 @@
 pub mod blkio_client;
 pub mod fuzz_body;
 pub mod guest;
+pub mod netd;
 pub mod netns;
 
 use std::ffi::OsStr;

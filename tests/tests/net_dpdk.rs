@@ -1,0 +1,285 @@
+//! DPDK's `dpdk-testpmd` (virtio-user PMD, no hugepages) as the vhost-user
+//! frontend of our daemon, whose tap sits on a bridge in namespace A with a
+//! veth to namespace B:
+//!
+//! - echo: datagrams from a UDP socket in B go through bridge, tap and
+//!   daemon to testpmd, which swaps addresses and ports (5tswap) and sends
+//!   them back; every echo must come back to the socket byte for byte.
+//! - txonly: testpmd floods 64-byte UDP frames at B; the kernel socket in
+//!   B must receive them and the counters must agree.
+
+use std::net::UdpSocket;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use outboard_tests::netd::NetDaemon;
+use outboard_tests::netns::Netns;
+
+const PMD_MAC: &str = "02:00:00:00:00:01";
+
+struct Setup {
+    daemon: NetDaemon,
+    b: Netns,
+    _a: Netns,
+}
+
+fn setup() -> Setup {
+    let a = Netns::new("dpdka");
+    let b = Netns::new("dpdkb");
+    a.veth("va", &b, "vb");
+    b.ip(&["addr", "add", "198.18.0.2/24", "dev", "vb"]);
+    b.ip(&[
+        "neigh",
+        "replace",
+        "198.18.0.1",
+        "lladdr",
+        PMD_MAC,
+        "dev",
+        "vb",
+    ]);
+    let daemon = NetDaemon::spawn(
+        &a,
+        &["--tap", "obtap0", "--bridge", "obbr0", "--create-bridge"],
+    );
+    a.ip(&["link", "set", "va", "master", "obbr0"]);
+    Setup { daemon, b, _a: a }
+}
+
+struct Testpmd {
+    child: Child,
+    log: std::path::PathBuf,
+    prefix: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Testpmd {
+    fn start(socket: &std::path::Path, mode: &[&str]) -> Testpmd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("testpmd.log");
+        let vdev = format!(
+            "net_virtio_user0,path={},mac={PMD_MAC},queue_size=256",
+            socket.display()
+        );
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let prefix = format!(
+            "ob-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let child = Command::new("dpdk-testpmd")
+            .args([
+                "-l",
+                "0-1",
+                "--no-huge",
+                "-m",
+                "256",
+                "--no-pci",
+                "--no-shconf",
+            ])
+            .args(["--file-prefix", &prefix])
+            .args(["--vdev", &vdev, "--"])
+            .args([
+                "--total-num-mbufs=4096",
+                "--auto-start",
+                "--stats-period",
+                "1",
+            ])
+            .args(mode)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).expect("log"))
+            .stderr(std::fs::File::create(dir.path().join("stderr")).expect("log"))
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run dpdk-testpmd: {e} (apt-get install dpdk-dev; scripts/test.sh does)"
+                )
+            });
+        Testpmd {
+            child,
+            log,
+            prefix,
+            _dir: dir,
+        }
+    }
+
+    fn log_text(&self) -> String {
+        let err = self.log.with_file_name("stderr");
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+            + &std::fs::read_to_string(err).unwrap_or_default()
+    }
+
+    /// Waits until testpmd drives the daemon's queues (tap up).
+    fn wait_started(&self, daemon: &NetDaemon) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while daemon.stats()["link_up"] != true {
+            assert!(
+                Instant::now() < deadline,
+                "testpmd did not start the queues\n--- testpmd ---\n{}\n--- daemon ---\n{}",
+                self.log_text(),
+                daemon.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGINT, wait, and the accumulated (RX, TX) packet counts it prints.
+    fn stop(mut self) -> (u64, u64) {
+        // SAFETY: signalling our own child process by its pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = self.log_text();
+        let acc = log
+            .rsplit("Accumulated forward statistics")
+            .next()
+            .unwrap_or_else(|| panic!("no statistics from testpmd:\n{log}"));
+        let num = |key: &str| -> u64 {
+            acc.split(key)
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("no {key} in testpmd output:\n{log}"))
+        };
+        (num("RX-packets:"), num("TX-packets:"))
+    }
+}
+
+impl Drop for Testpmd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{}", self.prefix));
+    }
+}
+
+/// One test, two phases in turn: two busy-polling testpmd instances at once
+/// would starve each other on a small machine.
+#[test]
+fn testpmd_through_the_daemon() {
+    echo_phase();
+    txonly_phase();
+}
+
+fn echo_phase() {
+    let s = setup();
+    let pmd = Testpmd::start(&s.daemon.socket, &["--forward-mode=5tswap"]);
+    pmd.wait_started(&s.daemon);
+    let sock = s.b.run(|| {
+        let u = UdpSocket::bind("198.18.0.2:7002").expect("bind in B");
+        u.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        u
+    });
+    let mut buf = vec![0u8; 2048];
+    // testpmd starts forwarding a little after it starts the queues: warm up.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    loop {
+        sock.send_to(b"warm-up", "198.18.0.1:7").expect("send");
+        if let Ok((7, _)) = sock.recv_from(&mut buf) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no echo from testpmd\n--- testpmd ---\n{}\n--- daemon ---\n{}\n{}",
+            pmd.log_text(),
+            s.daemon.log_text(),
+            s.daemon.stats()
+        );
+    }
+    // Late echoes of the warm-up are not counted below.
+    while sock.recv_from(&mut buf).is_ok() {}
+    sock.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let rounds = 200usize;
+    for i in 0..rounds {
+        let len = 18 + (i * 37) % 1455;
+        let msg: Vec<u8> = (0..len).map(|k| (k * 31 + i) as u8).collect();
+        sock.send_to(&msg, "198.18.0.1:7").expect("send");
+        let (n, from) = sock.recv_from(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "echo {i} ({len} bytes) did not come back: {e}\n--- testpmd ---\n{}\n--- daemon ---\n{}",
+                pmd.log_text(),
+                s.daemon.log_text()
+            )
+        });
+        assert_eq!(from.to_string(), "198.18.0.1:7", "echo {i} source");
+        assert_eq!(&buf[..n], &msg[..], "echo {i} bytes");
+    }
+    let rx = s.daemon.counter("rx", "packets");
+    let tx = s.daemon.counter("tx", "packets");
+    assert!(
+        rx >= rounds as u64 && tx >= rounds as u64,
+        "daemon counters rx {rx} tx {tx}"
+    );
+    let (pmd_rx, pmd_tx) = pmd.stop();
+    assert!(
+        pmd_rx >= rounds as u64 && pmd_tx >= rounds as u64,
+        "testpmd rx {pmd_rx} tx {pmd_tx}"
+    );
+    assert_eq!(
+        s.daemon.counter("rx", "errors") + s.daemon.counter("tx", "errors"),
+        0
+    );
+}
+
+fn txonly_phase() {
+    let s = setup();
+    let peer = s.b.mac("vb");
+    let peer = peer.map(|b| format!("{b:02x}")).join(":");
+    // testpmd's txonly frames are UDP 198.18.0.1:9 -> 198.18.0.2:9.
+    let sock = s.b.run(|| {
+        let u = UdpSocket::bind("198.18.0.2:9").expect("bind in B");
+        u.set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        u
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let counter = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        let (mut n, mut bad) = (0u64, 0u64);
+        loop {
+            match sock.recv_from(&mut buf) {
+                Ok((len, from)) if len == 22 && from.to_string() == "198.18.0.1:9" => n += 1,
+                Ok(_) => bad += 1,
+                Err(_) if stop2.load(std::sync::atomic::Ordering::Relaxed) => break,
+                Err(_) => {}
+            }
+        }
+        (n, bad)
+    });
+    let pmd = Testpmd::start(
+        &s.daemon.socket,
+        &[
+            "--forward-mode=txonly",
+            "--txpkts=64",
+            &format!("--eth-peer=0,{peer}"),
+        ],
+    );
+    pmd.wait_started(&s.daemon);
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, pmd_tx) = pmd.stop();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (received, bad) = counter.join().expect("counter thread");
+    let daemon_tx = s.daemon.counter("tx", "packets");
+    eprintln!("testpmd sent {pmd_tx}, daemon wrote {daemon_tx} to the tap, socket got {received}");
+    assert_eq!(bad, 0, "unexpected datagrams");
+    assert!(
+        received >= 1000,
+        "only {received} datagrams reached the socket"
+    );
+    assert!(
+        daemon_tx >= received,
+        "daemon {daemon_tx} < socket {received}"
+    );
+    assert!(pmd_tx >= daemon_tx, "testpmd {pmd_tx} < daemon {daemon_tx}");
+    assert_eq!(s.daemon.counter("tx", "errors"), 0);
+}
