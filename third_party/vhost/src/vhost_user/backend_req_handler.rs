@@ -382,6 +382,9 @@ pub struct BackendReqHandler<S: VhostUserBackendReqHandler> {
     virtio_features: u64,
     acked_virtio_features: u64,
     acked_protocol_features: u64,
+    // Outboard patch: SET_VRING_ENABLE requests received before SET_FEATURES
+    // (see PATCHES.md), applied once the features are set.
+    early_vring_enable: Vec<(u32, bool)>,
 
     // sending ack for messages without payload
     reply_ack_enabled: bool,
@@ -404,6 +407,7 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
             virtio_features: 0,
             acked_virtio_features: 0,
             acked_protocol_features: 0,
+            early_vring_enable: Vec::new(),
             reply_ack_enabled: false,
             #[cfg(feature = "postcopy")]
             postcopy_state: PostcopyState::Inactive,
@@ -515,9 +519,16 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
             }
             Ok(FrontendReq::SET_FEATURES) => {
                 let msg = self.extract_request_body::<VhostUserU64>(&hdr, size, &buf)?;
-                let res = self.backend.set_features(msg.value);
+                let mut res = self.backend.set_features(msg.value);
                 self.acked_virtio_features = msg.value;
                 self.update_reply_ack_flag();
+                if res.is_ok()
+                    && msg.value & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+                {
+                    for (index, enable) in std::mem::take(&mut self.early_vring_enable) {
+                        res = res.and(self.backend.set_vring_enable(index, enable));
+                    }
+                }
                 self.send_ack_message(&hdr, res)?;
             }
             Ok(FrontendReq::SET_MEM_TABLE) => {
@@ -620,6 +631,22 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
             }
             Ok(FrontendReq::SET_VRING_ENABLE) => {
                 let msg = self.extract_request_body::<VhostUserVringState>(&hdr, size, &buf)?;
+                // Outboard patch (see PATCHES.md): QEMU's virtio-net enables
+                // the rings of a vhost-user peer before it sends SET_FEATURES
+                // whenever the backend *offers* PROTOCOL_FEATURES. Remember
+                // the request and apply it after SET_FEATURES instead of
+                // failing the connection.
+                let proto = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+                if self.acked_virtio_features & proto == 0 && self.virtio_features & proto != 0 {
+                    if msg.num > 1 {
+                        return Err(Error::InvalidParam);
+                    }
+                    if self.early_vring_enable.len() < 1024 {
+                        self.early_vring_enable.push((msg.index, msg.num == 1));
+                    }
+                    self.send_ack_message(&hdr, Ok(()))?;
+                    return Ok(());
+                }
                 self.check_feature(VhostUserVirtioFeatures::PROTOCOL_FEATURES)?;
                 let enable = match msg.num {
                     1 => true,
