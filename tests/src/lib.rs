@@ -12,6 +12,7 @@ pub mod fuzz_body;
 pub mod guest;
 pub mod netd;
 pub mod netns;
+pub mod testpmd;
 
 use std::ffi::OsStr;
 use std::fs;

@@ -26,6 +26,11 @@ impl NetDaemon {
     /// Starts `vhost-user-net --socket-path .. --control-socket .. ARGS` in
     /// `ns` and waits for both sockets.
     pub fn spawn(ns: &Netns, args: &[&str]) -> NetDaemon {
+        Self::spawn_bin(&crate::workspace_binary("vhost-user-net"), ns, args)
+    }
+
+    /// [`NetDaemon::spawn`] with the daemon binary at `bin`.
+    pub fn spawn_bin(bin: &Path, ns: &Netns, args: &[&str]) -> NetDaemon {
         let dir = tempfile::Builder::new()
             .prefix("ob-net-")
             .tempdir()
@@ -33,7 +38,6 @@ impl NetDaemon {
         let socket = dir.path().join("net.sock");
         let control = dir.path().join("ctl.sock");
         let log = dir.path().join("daemon.log");
-        let bin = crate::workspace_binary("vhost-user-net");
         let mut cmd = ns.command(bin.to_str().expect("utf-8 path"));
         cmd.arg("--socket-path")
             .arg(&socket)

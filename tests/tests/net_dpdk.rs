@@ -9,13 +9,11 @@
 //!   B must receive them and the counters must agree.
 
 use std::net::UdpSocket;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use outboard_tests::netd::NetDaemon;
 use outboard_tests::netns::Netns;
-
-const PMD_MAC: &str = "02:00:00:00:00:01";
+use outboard_tests::testpmd::{virtio_user, Testpmd, PMD_MAC};
 
 struct Setup {
     daemon: NetDaemon,
@@ -45,116 +43,17 @@ fn setup() -> Setup {
     Setup { daemon, b, _a: a }
 }
 
-struct Testpmd {
-    child: Child,
-    log: std::path::PathBuf,
-    prefix: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Testpmd {
-    fn start(socket: &std::path::Path, mode: &[&str]) -> Testpmd {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("testpmd.log");
-        let vdev = format!(
-            "net_virtio_user0,path={},mac={PMD_MAC},queue_size=256",
-            socket.display()
+/// Waits until testpmd drives the daemon's queues (tap up).
+fn wait_started(pmd: &Testpmd, daemon: &NetDaemon) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while daemon.stats()["link_up"] != true {
+        assert!(
+            Instant::now() < deadline,
+            "testpmd did not start the queues\n--- testpmd ---\n{}\n--- daemon ---\n{}",
+            pmd.log_text(),
+            daemon.log_text()
         );
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let prefix = format!(
-            "ob-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
-        let child = Command::new("dpdk-testpmd")
-            .args([
-                "-l",
-                "0-1",
-                "--no-huge",
-                "-m",
-                "256",
-                "--no-pci",
-                "--no-shconf",
-            ])
-            .args(["--file-prefix", &prefix])
-            .args(["--vdev", &vdev, "--"])
-            .args([
-                "--total-num-mbufs=4096",
-                "--auto-start",
-                "--stats-period",
-                "1",
-            ])
-            .args(mode)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).expect("log"))
-            .stderr(std::fs::File::create(dir.path().join("stderr")).expect("log"))
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run dpdk-testpmd: {e} (apt-get install dpdk-dev; scripts/test.sh does)"
-                )
-            });
-        Testpmd {
-            child,
-            log,
-            prefix,
-            _dir: dir,
-        }
-    }
-
-    fn log_text(&self) -> String {
-        let err = self.log.with_file_name("stderr");
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-            + &std::fs::read_to_string(err).unwrap_or_default()
-    }
-
-    /// Waits until testpmd drives the daemon's queues (tap up).
-    fn wait_started(&self, daemon: &NetDaemon) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while daemon.stats()["link_up"] != true {
-            assert!(
-                Instant::now() < deadline,
-                "testpmd did not start the queues\n--- testpmd ---\n{}\n--- daemon ---\n{}",
-                self.log_text(),
-                daemon.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGINT, wait, and the accumulated (RX, TX) packet counts it prints.
-    fn stop(mut self) -> (u64, u64) {
-        // SAFETY: signalling our own child process by its pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().ok().flatten().is_none() {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let log = self.log_text();
-        let acc = log
-            .rsplit("Accumulated forward statistics")
-            .next()
-            .unwrap_or_else(|| panic!("no statistics from testpmd:\n{log}"));
-        let num = |key: &str| -> u64 {
-            acc.split(key)
-                .nth(1)
-                .and_then(|s| s.split_whitespace().next())
-                .and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| panic!("no {key} in testpmd output:\n{log}"))
-        };
-        (num("RX-packets:"), num("TX-packets:"))
-    }
-}
-
-impl Drop for Testpmd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{}", self.prefix));
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -168,8 +67,12 @@ fn testpmd_through_the_daemon() {
 
 fn echo_phase() {
     let s = setup();
-    let pmd = Testpmd::start(&s.daemon.socket, &["--forward-mode=5tswap"]);
-    pmd.wait_started(&s.daemon);
+    let pmd = Testpmd::start(
+        &virtio_user(&s.daemon.socket),
+        &["--forward-mode=5tswap"],
+        None,
+    );
+    wait_started(&pmd, &s.daemon);
     let sock = s.b.run(|| {
         let u = UdpSocket::bind("198.18.0.2:7002").expect("bind in B");
         u.set_read_timeout(Some(Duration::from_secs(2)))
@@ -257,14 +160,15 @@ fn txonly_phase() {
         (n, bad)
     });
     let pmd = Testpmd::start(
-        &s.daemon.socket,
+        &virtio_user(&s.daemon.socket),
         &[
             "--forward-mode=txonly",
             "--txpkts=64",
             &format!("--eth-peer=0,{peer}"),
         ],
+        None,
     );
-    pmd.wait_started(&s.daemon);
+    wait_started(&pmd, &s.daemon);
     std::thread::sleep(Duration::from_secs(2));
     let (_, pmd_tx) = pmd.stop();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
