@@ -48,6 +48,10 @@ struct Rig {
 }
 
 fn rig(mrg: bool, offloads: bool) -> Rig {
+    rig_pairs(mrg, offloads, 1)
+}
+
+fn rig_pairs(mrg: bool, offloads: bool, pairs: u16) -> Rig {
     let a = Netns::new("neta");
     let b = Netns::new("netb");
     a.veth("va", &b, "vb");
@@ -69,7 +73,7 @@ fn rig(mrg: bool, offloads: bool) -> Rig {
         create_bridge: true,
         mac: GUEST_MAC,
         mtu: 1500,
-        queue_pairs: 1,
+        queue_pairs: pairs,
         queue_size: 256,
         offloads: Offloads {
             csum: on,
@@ -135,6 +139,11 @@ impl Rig {
 
     /// The guest transmits `hdr` + `frame` in one chain.
     fn guest_send(&self, hdr: [u8; 12], frame: &[u8]) {
+        self.guest_send_on(0, hdr, frame);
+    }
+
+    /// The guest transmits `hdr` + `frame` on queue pair `pair`.
+    fn guest_send_on(&self, pair: usize, hdr: [u8; 12], frame: &[u8]) {
         let m = &self.mem;
         let vq = MockSplitQueue::create(m, GuestAddress(TXQ), 16);
         m.write_slice(&hdr, GuestAddress(TXBUF)).expect("hdr");
@@ -151,7 +160,7 @@ impl Rig {
         ];
         vq.add_desc_chains(&descs, 0).expect("chain");
         let mut q: Queue = vq.create_queue().expect("queue");
-        self.dev.tx(0, &mut q, m, &mut || {}).expect("tx");
+        self.dev.tx(pair, &mut q, m, &mut || {}).expect("tx");
         assert_eq!(vq.used().idx().load(), 1, "chain completed");
     }
 
@@ -465,4 +474,105 @@ matrix! {
     rx_tso_no_mrg: rx_gso_case(false, true);
     rx_segmented_mrg: rx_gso_case(true, false);
     rx_segmented_no_mrg: rx_gso_case(false, false);
+}
+
+/// Two queue pairs (one tap queue each): both TX queues reach B, and flows
+/// from B are spread by the tap over both RX queues, every datagram intact.
+#[test]
+fn two_queue_pairs() {
+    let r = rig_pairs(true, true, 2);
+    assert_eq!(r.dev.tap().queues(), 2);
+    let sock = r.peer_udp(7003);
+    for pair in 0..2 {
+        let payload = pattern(500, pair as u8);
+        let l4 = udp_l4(5000 + pair as u16, 7003, &payload, None);
+        let c = !csum_fold(csum_add(pseudo_v4(GUEST_IP, PEER_IP, 17, l4.len()), &l4));
+        let l4 = udp_l4(5000 + pair as u16, 7003, &payload, Some(c));
+        let f = ipv4_frame(r.peer_mac, GUEST_MAC, GUEST_IP, PEER_IP, 17, &l4);
+        r.guest_send_on(pair, [0u8; 12], &f);
+        let mut buf = vec![0u8; 2048];
+        let (n, from) = sock.recv_from(&mut buf).expect("datagram from the pair");
+        assert_eq!(&buf[..n], &payload[..], "pair {pair}");
+        assert_eq!(from.port(), 5000 + pair as u16);
+        assert_eq!(
+            get(&r.dev.stats[2 * pair + 1].packets),
+            1,
+            "TX counter of pair {pair}"
+        );
+    }
+    // 64 flows (source ports) from B; the tap hashes them over its queues.
+    let m = &r.mem;
+    let size = 2048u64;
+    let queues: Vec<MockSplitQueue<GuestMemoryMmap>> = (0..2u64)
+        .map(|p| MockSplitQueue::create(m, GuestAddress(0x2_0000 + p * 0x1_0000), 256))
+        .collect();
+    let mut qs: Vec<Queue> = Vec::new();
+    for (p, vq) in queues.iter().enumerate() {
+        let descs: Vec<RawDescriptor> = (0..128u64)
+            .map(|i| {
+                RawDescriptor::from(SplitDescriptor::new(
+                    RXBUF + (p as u64 * 128 + i) * size,
+                    size as u32,
+                    VRING_DESC_F_WRITE as u16,
+                    0,
+                ))
+            })
+            .collect();
+        vq.add_desc_chains(&descs, 0).expect("chains");
+        qs.push(vq.create_queue().expect("queue"));
+    }
+    let senders: Vec<UdpSocket> = (0..64u16)
+        .map(|i| {
+            r.b.run(move || {
+                UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::from(PEER_IP), 20000 + i))
+                    .expect("bind")
+            })
+        })
+        .collect();
+    for (i, s) in senders.iter().enumerate() {
+        s.send_to(&pattern(300, i as u8), "10.200.0.1:6000")
+            .expect("send");
+    }
+    let mut got = vec![None; 64];
+    let mut per_pair = [0usize; 2];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = [0u16; 2];
+    while got.iter().any(Option::is_none) && Instant::now() < deadline {
+        for p in 0..2 {
+            r.dev.rx(p, &mut qs[p], m, &mut || {}).expect("rx");
+            while seen[p] < queues[p].used().idx().load() {
+                let e = queues[p]
+                    .used()
+                    .ring()
+                    .ref_at(seen[p] as usize)
+                    .expect("used")
+                    .load();
+                seen[p] += 1;
+                let mut buf = vec![0u8; e.len() as usize];
+                m.read_slice(
+                    &mut buf,
+                    GuestAddress(RXBUF + u64::from(e.id()) * size + p as u64 * 128 * size),
+                )
+                .expect("buffer");
+                let f = &buf[12..];
+                if f.len() < 42 || f[12..14] != [8, 0] || f[23] != 17 {
+                    continue;
+                }
+                let port = u16::from_be_bytes([f[34], f[35]]);
+                let i = usize::from(port - 20000);
+                assert_eq!(&f[42..], &pattern(300, i as u8)[..], "flow {i} payload");
+                got[i] = Some(p);
+                per_pair[p] += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(
+        got.iter().all(Option::is_some),
+        "datagrams missing: {got:?}"
+    );
+    assert!(
+        per_pair[0] > 0 && per_pair[1] > 0,
+        "64 flows all on one queue: {per_pair:?}"
+    );
 }
