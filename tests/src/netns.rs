@@ -36,13 +36,12 @@ impl Netns {
         run("ip", &["netns", "add", &name]);
         let ns = Netns { name };
         ns.ip(&["link", "set", "lo", "up"]);
-        for key in ["all", "default"] {
-            ns.exec(&[
-                "sysctl",
-                "-qw",
-                &format!("net.ipv6.conf.{key}.disable_ipv6=1"),
-            ]);
-        }
+        ns.exec(&[
+            "sh",
+            "-c",
+            "echo 1 >/proc/sys/net/ipv6/conf/all/disable_ipv6 && \
+             echo 1 >/proc/sys/net/ipv6/conf/default/disable_ipv6",
+        ]);
         ns
     }
 

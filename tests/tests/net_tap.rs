@@ -576,3 +576,57 @@ fn two_queue_pairs() {
         "64 flows all on one queue: {per_pair:?}"
     );
 }
+
+/// The daemon's own setup over netlink: bridge created, tap attached, MTU
+/// and host address set, tap down until the driver starts, then up, and
+/// down again on disconnect while staying on the bridge.
+#[test]
+fn setup_and_link_state_over_netlink() {
+    let a = Netns::new("neta");
+    let cfg = Config {
+        listen: Listen::Fd(-1),
+        tap: "obtap%d".into(),
+        bridge: Some("obbr1".into()),
+        create_bridge: true,
+        mac: GUEST_MAC,
+        mtu: 1400,
+        queue_pairs: 2,
+        queue_size: 256,
+        offloads: Offloads::default(),
+        ip: Some(("10.203.0.1".parse().expect("ip"), 24)),
+        control_socket: None,
+    };
+    let dev = a.run(move || vhost_user_net::setup(&cfg).expect("setup"));
+    let name = dev.tap().name().to_string();
+    assert_eq!(name, "obtap0", "the kernel picked the number");
+    let show = |a: &Netns| -> serde_json::Value {
+        let out = a.exec(&["ip", "-j", "-d", "addr", "show", "dev", "obtap0"]);
+        serde_json::from_str::<serde_json::Value>(&out).expect("ip -j")[0].clone()
+    };
+    let link = show(&a);
+    assert_eq!(link["mtu"], 1400);
+    assert_eq!(link["master"], "obbr1");
+    assert_eq!(link["linkinfo"]["info_kind"], "tun");
+    assert!(
+        link["addr_info"]
+            .as_array()
+            .expect("addresses")
+            .iter()
+            .any(|x| x["local"] == "10.203.0.1" && x["prefixlen"] == 24),
+        "{link}"
+    );
+    let up = |l: &serde_json::Value| {
+        l["flags"]
+            .as_array()
+            .expect("flags")
+            .iter()
+            .any(|f| f == "UP")
+    };
+    assert!(!up(&link), "down until a driver starts the queues");
+    dev.start();
+    assert!(up(&show(&a)), "up once the queues started");
+    dev.stop();
+    let link = show(&a);
+    assert!(!up(&link), "down after the frontend left");
+    assert_eq!(link["master"], "obbr1", "still on the bridge");
+}
