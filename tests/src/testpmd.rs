@@ -29,6 +29,11 @@ pub fn virtio_user(socket: &Path) -> String {
     )
 }
 
+/// The vdev argument for our daemon's socket with `queues` queue pairs.
+pub fn virtio_user_mq(socket: &Path, queues: u16) -> String {
+    format!("{},queues={queues}", virtio_user(socket))
+}
+
 /// The vdev argument for a tap named `iface` that testpmd creates.
 pub fn tap(iface: &str) -> String {
     format!("net_tap0,iface={iface},mac={PMD_MAC}")

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use outboard_tests::netd::NetDaemon;
 use outboard_tests::netns::Netns;
-use outboard_tests::testpmd::{virtio_user, Testpmd, PMD_MAC};
+use outboard_tests::testpmd::{virtio_user, virtio_user_mq, Testpmd, PMD_MAC};
 
 struct Setup {
     daemon: NetDaemon,
@@ -38,7 +38,15 @@ fn setup() -> Setup {
     ]);
     let daemon = NetDaemon::spawn(
         &a,
-        &["--tap", "obtap0", "--bridge", "obbr0", "--create-bridge"],
+        &[
+            "--tap",
+            "obtap0",
+            "--bridge",
+            "obbr0",
+            "--create-bridge",
+            "--queue-pairs",
+            "2",
+        ],
     );
     a.ip(&["link", "set", "va", "master", "obbr0"]);
     Setup { daemon, b, _a: a }
@@ -71,9 +79,11 @@ fn testpmd_through_the_daemon() {
 }
 
 fn echo_phase(s: &Setup) {
+    // Both queue pairs: testpmd spreads nothing itself, the tap hashes the
+    // 200 flows (one source port each) over the two queues.
     let pmd = Testpmd::start(
-        &virtio_user(&s.daemon.socket),
-        &["--forward-mode=5tswap"],
+        &virtio_user_mq(&s.daemon.socket, 2),
+        &["--forward-mode=5tswap", "--rxq=2", "--txq=2"],
         None,
     );
     wait_started(&pmd, &s.daemon);
@@ -105,10 +115,22 @@ fn echo_phase(s: &Setup) {
     while sock.recv_from(&mut buf).is_ok() {}
     sock.set_read_timeout(Some(Duration::from_secs(2)))
         .expect("timeout");
+    // Eight flows (source ports): the tap spreads them over both pairs.
+    let socks: Vec<UdpSocket> = (0..8u16)
+        .map(|k| {
+            s.b.run(move || {
+                let u = UdpSocket::bind(("198.18.0.2", 7010 + k)).expect("bind in B");
+                u.set_read_timeout(Some(Duration::from_secs(2)))
+                    .expect("timeout");
+                u
+            })
+        })
+        .collect();
     let rounds = 200usize;
     for i in 0..rounds {
         let len = 18 + (i * 37) % 1455;
         let msg: Vec<u8> = (0..len).map(|k| (k * 31 + i) as u8).collect();
+        let sock = &socks[i % socks.len()];
         sock.send_to(&msg, "198.18.0.1:7").expect("send");
         let (n, from) = sock.recv_from(&mut buf).unwrap_or_else(|e| {
             panic!(
@@ -120,6 +142,17 @@ fn echo_phase(s: &Setup) {
         assert_eq!(from.to_string(), "198.18.0.1:7", "echo {i} source");
         assert_eq!(&buf[..n], &msg[..], "echo {i} bytes");
     }
+    let stats = s.daemon.stats();
+    let per_queue: Vec<u64> = stats["queues"]
+        .as_array()
+        .expect("queues")
+        .iter()
+        .map(|q| q["packets"].as_u64().expect("packets"))
+        .collect();
+    assert!(
+        per_queue[0] > 0 && per_queue[2] > 0,
+        "both RX queues carried echoes: {per_queue:?}"
+    );
     let rx = s.daemon.counter("rx", "packets");
     let tx = s.daemon.counter("tx", "packets");
     assert!(

@@ -476,31 +476,14 @@ matrix! {
     rx_segmented_no_mrg: rx_gso_case(false, false);
 }
 
-/// Two queue pairs (one tap queue each): both TX queues reach B, and flows
-/// from B are spread by the tap over both RX queues, every datagram intact.
+/// Two queue pairs (one tap queue each). While the driver has started only
+/// pair 0, the second tap queue is detached and every flow from B reaches
+/// pair 0; once pair 1 starts, both TX queues reach B and flows are spread
+/// over both RX queues, every datagram intact.
 #[test]
 fn two_queue_pairs() {
     let r = rig_pairs(true, true, 2);
     assert_eq!(r.dev.tap().queues(), 2);
-    let sock = r.peer_udp(7003);
-    for pair in 0..2 {
-        let payload = pattern(500, pair as u8);
-        let l4 = udp_l4(5000 + pair as u16, 7003, &payload, None);
-        let c = !csum_fold(csum_add(pseudo_v4(GUEST_IP, PEER_IP, 17, l4.len()), &l4));
-        let l4 = udp_l4(5000 + pair as u16, 7003, &payload, Some(c));
-        let f = ipv4_frame(r.peer_mac, GUEST_MAC, GUEST_IP, PEER_IP, 17, &l4);
-        r.guest_send_on(pair, [0u8; 12], &f);
-        let mut buf = vec![0u8; 2048];
-        let (n, from) = sock.recv_from(&mut buf).expect("datagram from the pair");
-        assert_eq!(&buf[..n], &payload[..], "pair {pair}");
-        assert_eq!(from.port(), 5000 + pair as u16);
-        assert_eq!(
-            get(&r.dev.stats[2 * pair + 1].packets),
-            1,
-            "TX counter of pair {pair}"
-        );
-    }
-    // 64 flows (source ports) from B; the tap hashes them over its queues.
     let m = &r.mem;
     let size = 2048u64;
     let queues: Vec<MockSplitQueue<GuestMemoryMmap>> = (0..2u64)
@@ -529,52 +512,75 @@ fn two_queue_pairs() {
             })
         })
         .collect();
-    for (i, s) in senders.iter().enumerate() {
-        s.send_to(&pattern(300, i as u8), "10.200.0.1:6000")
-            .expect("send");
-    }
-    let mut got = vec![None; 64];
-    let mut per_pair = [0usize; 2];
-    let deadline = Instant::now() + Duration::from_secs(5);
     let mut seen = [0u16; 2];
-    while got.iter().any(Option::is_none) && Instant::now() < deadline {
-        for p in 0..2 {
-            r.dev.rx(p, &mut qs[p], m, &mut || {}).expect("rx");
-            while seen[p] < queues[p].used().idx().load() {
-                let e = queues[p]
-                    .used()
-                    .ring()
-                    .ref_at(seen[p] as usize)
-                    .expect("used")
-                    .load();
-                seen[p] += 1;
-                let mut buf = vec![0u8; e.len() as usize];
-                m.read_slice(
-                    &mut buf,
-                    GuestAddress(RXBUF + u64::from(e.id()) * size + p as u64 * 128 * size),
-                )
-                .expect("buffer");
-                let f = &buf[12..];
-                if f.len() < 42 || f[12..14] != [8, 0] || f[23] != 17 {
-                    continue;
-                }
-                let port = u16::from_be_bytes([f[34], f[35]]);
-                let i = usize::from(port - 20000);
-                assert_eq!(&f[42..], &pattern(300, i as u8)[..], "flow {i} payload");
-                got[i] = Some(p);
-                per_pair[p] += 1;
-            }
+    // Sends from flows `flows` and returns how many arrived on each pair.
+    let mut receive = |flows: std::ops::Range<usize>| -> [usize; 2] {
+        for i in flows.clone() {
+            senders[i]
+                .send_to(&pattern(300, i as u8), "10.200.0.1:6000")
+                .expect("send");
         }
-        std::thread::sleep(Duration::from_millis(2));
+        let mut got = vec![None; 64];
+        let mut per_pair = [0usize; 2];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while flows.clone().any(|i| got[i].is_none()) && Instant::now() < deadline {
+            for p in 0..2 {
+                r.dev.rx(p, &mut qs[p], m, &mut || {}).expect("rx");
+                while seen[p] < queues[p].used().idx().load() {
+                    let e = queues[p]
+                        .used()
+                        .ring()
+                        .ref_at(seen[p] as usize)
+                        .expect("used")
+                        .load();
+                    seen[p] += 1;
+                    let mut buf = vec![0u8; e.len() as usize];
+                    let addr = RXBUF + u64::from(e.id()) * size + p as u64 * 128 * size;
+                    m.read_slice(&mut buf, GuestAddress(addr)).expect("buffer");
+                    let f = &buf[12..];
+                    if f.len() < 42 || f[12..14] != [8, 0] || f[23] != 17 {
+                        continue;
+                    }
+                    let i = usize::from(u16::from_be_bytes([f[34], f[35]]) - 20000);
+                    assert_eq!(&f[42..], &pattern(300, i as u8)[..], "flow {i} payload");
+                    got[i] = Some(p);
+                    per_pair[p] += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(
+            flows.clone().all(|i| got[i].is_some()),
+            "datagrams missing: {got:?}"
+        );
+        per_pair
+    };
+    assert_eq!(receive(0..32), [32, 0], "only pair 0 started: all on it");
+    // What the adapter does when the driver starts the second pair.
+    r.dev.start_pair(1);
+    let spread = receive(32..64);
+    assert!(
+        spread[0] > 0 && spread[1] > 0,
+        "32 flows all on one queue: {spread:?}"
+    );
+    let sock = r.peer_udp(7003);
+    for pair in 0..2 {
+        let payload = pattern(500, pair as u8);
+        let l4 = udp_l4(5000 + pair as u16, 7003, &payload, None);
+        let c = !csum_fold(csum_add(pseudo_v4(GUEST_IP, PEER_IP, 17, l4.len()), &l4));
+        let l4 = udp_l4(5000 + pair as u16, 7003, &payload, Some(c));
+        let f = ipv4_frame(r.peer_mac, GUEST_MAC, GUEST_IP, PEER_IP, 17, &l4);
+        r.guest_send_on(pair, [0u8; 12], &f);
+        let mut buf = vec![0u8; 2048];
+        let (n, from) = sock.recv_from(&mut buf).expect("datagram from the pair");
+        assert_eq!(&buf[..n], &payload[..], "pair {pair}");
+        assert_eq!(from.port(), 5000 + pair as u16);
+        assert_eq!(
+            get(&r.dev.stats[2 * pair + 1].packets),
+            1,
+            "TX counter of pair {pair}"
+        );
     }
-    assert!(
-        got.iter().all(Option::is_some),
-        "datagrams missing: {got:?}"
-    );
-    assert!(
-        per_pair[0] > 0 && per_pair[1] > 0,
-        "64 flows all on one queue: {per_pair:?}"
-    );
 }
 
 /// The daemon's own setup over netlink: bridge created, tap attached, MTU

@@ -51,7 +51,7 @@ impl NetBackend {
         if !state.get_queue().ready() || !state.is_enabled() {
             return Ok(());
         }
-        self.device.start();
+        self.device.start_pair(pair);
         let Some(atomic) = self.mem.read().unwrap_or_else(|e| e.into_inner()).clone() else {
             return Ok(());
         };

@@ -56,6 +56,8 @@ pub struct NetDevice {
     acked: AtomicU64,
     link_up: AtomicBool,
     link_lock: Mutex<()>,
+    /// Pairs whose queues the driver started (their tap queue is attached).
+    started: Vec<AtomicBool>,
 }
 
 impl std::fmt::Debug for Pair {
@@ -79,6 +81,10 @@ impl NetDevice {
             });
         }
         let n = Negotiated::new(0, params.mtu);
+        // Only pair 0 receives until the driver starts more pairs.
+        for i in 1..tap.queues() {
+            tap.set_queue_attached(i, false)?;
+        }
         Ok(NetDevice {
             pairs: (0..want)
                 .map(|_| {
@@ -95,6 +101,7 @@ impl NetDevice {
             acked: AtomicU64::new(0),
             link_up: AtomicBool::new(false),
             link_lock: Mutex::new(()),
+            started: (0..want).map(|_| AtomicBool::new(false)).collect(),
         })
     }
 
@@ -147,6 +154,19 @@ impl NetDevice {
         Ok(())
     }
 
+    /// The driver started the queues of `pair`: attach its tap queue and
+    /// bring the tap up (each once per connection).
+    pub fn start_pair(&self, pair: usize) {
+        if let Some(s) = self.started.get(pair) {
+            if !s.swap(true, Ordering::AcqRel) && pair > 0 {
+                if let Err(e) = self.tap.set_queue_attached(pair, true) {
+                    log::error!("{e}");
+                }
+            }
+        }
+        self.start();
+    }
+
     /// The driver started the queues: bring the tap up (once).
     pub fn start(&self) {
         if self.link_up.load(Ordering::Acquire) {
@@ -178,6 +198,13 @@ impl NetDevice {
         }
         if let Err(e) = self.set_acked(0) {
             log::warn!("resetting the tap: {e}");
+        }
+        for (i, s) in self.started.iter().enumerate() {
+            if s.swap(false, Ordering::AcqRel) && i > 0 {
+                if let Err(e) = self.tap.set_queue_attached(i, false) {
+                    log::warn!("{e}");
+                }
+            }
         }
     }
 

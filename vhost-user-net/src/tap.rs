@@ -151,6 +151,36 @@ impl Tap {
         Ok(())
     }
 
+    /// TUNSETQUEUE: attaches (`true`) or detaches queue `i`. The kernel
+    /// spreads received frames over the attached queues only, so queues of
+    /// pairs the driver does not use must be detached.
+    pub fn set_queue_attached(&self, i: usize, attached: bool) -> Result<(), TapError> {
+        let Some(fd) = self.queues.get(i) else {
+            return Ok(());
+        };
+        let flags = if attached {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        let mut req = ifreq("", flags);
+        // SAFETY: TUNSETQUEUE reads one ifreq we own.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETQUEUE, &mut req) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            // Attaching an attached queue (or detaching a detached one) is EINVAL.
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                return Ok(());
+            }
+            return Err(TapError::Ioctl {
+                what: "TUNSETQUEUE",
+                name: self.name.clone(),
+                source: e,
+            });
+        }
+        Ok(())
+    }
+
     /// TUNSETOFFLOAD: which offloaded packets the tap may hand us.
     pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
         self.ioctl_all(
