@@ -158,7 +158,7 @@ impl NetDevice {
     /// bring the tap up (each once per connection).
     pub fn start_pair(&self, pair: usize) {
         if let Some(s) = self.started.get(pair) {
-            if !s.swap(true, Ordering::AcqRel) && pair > 0 {
+            if !s.load(Ordering::Acquire) && !s.swap(true, Ordering::AcqRel) && pair > 0 {
                 if let Err(e) = self.tap.set_queue_attached(pair, true) {
                     log::error!("{e}");
                 }

@@ -21,6 +21,10 @@ use crate::chain::{collect, write_at};
 use crate::stats::QueueStats;
 use crate::virtio::{Negotiated, ETH_OVERHEAD, HDR_LEN, NUM_BUFFERS_OFFSET};
 
+/// Most guest buffers in one `readv` (IOV_MAX is 1024, one more entry is
+/// our overflow byte); a chain with more descriptors is malformed.
+const MAX_IOV: usize = 896;
+
 /// Errors that stop this pass over the queue (the ring itself is unusable).
 #[derive(Debug, thiserror::Error)]
 pub enum RxError {
@@ -176,13 +180,22 @@ impl Rx {
         };
         let mut blocked = false;
         while (self.cfg.mrg_rxbuf && self.stash_cap < want) || self.stashed() == 0 {
+            let base = self
+                .chains
+                .get(self.first)
+                .map_or(self.iov.len(), |c| c.iov_start);
+            if self.iov.len() - base >= MAX_IOV {
+                // readv takes at most IOV_MAX buffers: go with what we have.
+                blocked = true;
+                break;
+            }
             let Some(chain) = q.pop_descriptor_chain(mem) else {
                 break;
             };
             let head = chain.head_index();
             let start = self.iov.len();
             match collect(mem, chain, true, &mut self.iov) {
-                Ok(cap) if cap >= hdr => {
+                Ok(cap) if cap >= hdr && self.iov.len() - start <= MAX_IOV => {
                     self.chains.push(Popped {
                         head,
                         iov_start: start,
@@ -235,11 +248,16 @@ impl Rx {
     ) -> Result<Option<usize>, RxError> {
         let hdr = self.cfg.hdr_len;
         let front = self.chains[self.first];
-        let (last, cap) = if self.cfg.mrg_rxbuf {
-            (self.chains.len() - 1, self.stash_cap)
-        } else {
-            (self.first, front.cap)
-        };
+        let (mut last, mut cap) = (self.first, front.cap);
+        if self.cfg.mrg_rxbuf {
+            // Every stashed chain, within readv's limit on buffers.
+            while last + 1 < self.chains.len()
+                && self.chains[last + 1].iov_end - front.iov_start <= MAX_IOV
+            {
+                last += 1;
+                cap += self.chains[last].cap;
+            }
+        }
         self.scratch.clear();
         self.scratch
             .extend_from_slice(&self.iov[front.iov_start..self.chains[last].iov_end]);
