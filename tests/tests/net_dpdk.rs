@@ -76,6 +76,28 @@ fn testpmd_through_the_daemon() {
     // up again.
     s.daemon.wait_link(false, Duration::from_secs(10));
     txonly_phase(&s);
+    // The `ctl` client prints the same counters.
+    let out = std::process::Command::new(outboard_tests::workspace_binary("vhost-user-net"))
+        .arg("ctl")
+        .arg(&s.daemon.control)
+        .arg("stats")
+        .output()
+        .expect("vhost-user-net ctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["tap"], "obtap0");
+    assert_eq!(v["queues"].as_array().map(Vec::len), Some(4));
+    let tx: u64 = v["queues"][1]["packets"].as_u64().expect("packets");
+    assert!(tx >= 1000, "{v}");
+    // SIGTERM: exit 0 and the socket is gone.
+    let mut s = s;
+    let socket = s.daemon.socket.clone();
+    assert!(s.daemon.terminate().success());
+    assert!(!socket.exists(), "socket removed on SIGTERM");
 }
 
 fn echo_phase(s: &Setup) {
