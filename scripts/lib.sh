@@ -7,11 +7,11 @@
 #   qemu-system-x86: QEMU (TCG) booting the real-guest tests (tests/src/guest.rs); it also
 #     brings qemu-storage-daemon (qemu-system-common), the reference vhost-user-blk backend
 #   cpio: scripts/guest/build-guest.sh packs the test guest's initramfs with it
-# Later issues add what their tests need here (e.g. iproute2).
+#   e2fsprogs: mke2fs for the PVM guest initramfs and debugfs in the VMM disk test
+#   iproute2: `ip netns`/veth/bridge setup of the network tests (tests/src/netns.rs, VMM NIC)
+#   dpdk-dev: dpdk-testpmd, the virtio-user frontend of tests/tests/net_dpdk.rs
 # shellcheck disable=SC2034 # used by the scripts that source this file
-#   e2fsprogs: mke2fs for the PVM guest initramfs and debugfs in the VMM disk test (issue #6)
-#   iproute2: network namespaces, bridges and veths of the VMM network test (issue #6)
-OUTBOARD_APT_PACKAGES=(qemu-utils gcc libc6-dev qemu-system-x86 cpio e2fsprogs iproute2)
+OUTBOARD_APT_PACKAGES=(qemu-utils gcc libc6-dev qemu-system-x86 cpio e2fsprogs iproute2 dpdk-dev)
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() {

@@ -1,5 +1,9 @@
-//! Shared helpers for the Outboard daemons and VMM: command-line conventions
-//! (`--socket-path`, `--fd`, `--print-capabilities`), logging and small
-//! utilities used by more than one crate.
+//! Shared helpers for the Outboard daemons and VMM.
 //!
-//! Not yet implemented: this crate is a placeholder until issues #3-#6 land.
+//! # Modules
+//! - [`server`]: the vhost-user backend program conventions every daemon
+//!   follows: binding `--socket-path` (replacing a stale socket file),
+//!   taking over `--fd`, and the serve loop that listens again on the same
+//!   socket after each frontend disconnects.
+
+pub mod server;

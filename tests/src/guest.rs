@@ -263,6 +263,8 @@ pub struct NetNic {
     pub queue_pairs: u16,
     /// `reconnect=N` on the chardev.
     pub reconnect_secs: Option<u32>,
+    /// More `-device virtio-net-pci` properties (`"ctrl_vq=off"`, ...).
+    pub device_props: Vec<String>,
 }
 
 impl NetNic {
@@ -273,6 +275,7 @@ impl NetNic {
             mac: mac.into(),
             queue_pairs: 1,
             reconnect_secs: None,
+            device_props: Vec::new(),
         }
     }
 }
@@ -494,6 +497,10 @@ impl Qemu {
                     ",mq=on,vectors={}",
                     2 * u32::from(n.queue_pairs) + 2
                 ));
+            }
+            for p in &n.device_props {
+                dev.push(',');
+                dev.push_str(p);
             }
             a.push("-device".into());
             a.push(dev.into());

@@ -10,6 +10,9 @@
 pub mod blkio_client;
 pub mod fuzz_body;
 pub mod guest;
+pub mod netd;
+pub mod netns;
+pub mod testpmd;
 
 use std::ffi::OsStr;
 use std::fs;

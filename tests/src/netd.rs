@@ -1,0 +1,136 @@
+//! The `vhost-user-net` daemon as the network tests run it: started inside
+//! a test namespace with a control socket, queried for its counters, killed
+//! on drop.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::netns::Netns;
+
+/// A running daemon.
+#[derive(Debug)]
+pub struct NetDaemon {
+    child: Child,
+    /// The vhost-user socket.
+    pub socket: PathBuf,
+    /// The control socket.
+    pub control: PathBuf,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NetDaemon {
+    /// Starts `vhost-user-net --socket-path .. --control-socket .. ARGS` in
+    /// `ns` and waits for both sockets.
+    pub fn spawn(ns: &Netns, args: &[&str]) -> NetDaemon {
+        Self::spawn_bin(&crate::workspace_binary("vhost-user-net"), ns, args)
+    }
+
+    /// [`NetDaemon::spawn`] with the daemon binary at `bin`.
+    pub fn spawn_bin(bin: &Path, ns: &Netns, args: &[&str]) -> NetDaemon {
+        let dir = tempfile::Builder::new()
+            .prefix("ob-net-")
+            .tempdir()
+            .expect("tempdir");
+        let socket = dir.path().join("net.sock");
+        let control = dir.path().join("ctl.sock");
+        let log = dir.path().join("daemon.log");
+        let mut cmd = ns.command(bin.to_str().expect("utf-8 path"));
+        cmd.arg("--socket-path")
+            .arg(&socket)
+            .arg("--control-socket")
+            .arg(&control)
+            .args(["--log-level", "debug"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        let child = cmd.spawn().expect("spawn vhost-user-net");
+        let mut d = NetDaemon {
+            child,
+            socket,
+            control,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(d.socket.exists() && d.control.exists()) {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                panic!("vhost-user-net exited ({st}):\n{}", d.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sockets did not appear:\n{}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child process by its pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().expect("wait for the daemon")
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// `{"cmd":"stats"}` on the control socket.
+    pub fn stats(&self) -> serde_json::Value {
+        control(&self.control, r#"{"cmd":"stats"}"#)
+    }
+
+    /// Sum of counter `key` over the queues of `direction` ("rx"/"tx").
+    pub fn counter(&self, direction: &str, key: &str) -> u64 {
+        let s = self.stats();
+        s["queues"]
+            .as_array()
+            .expect("queues")
+            .iter()
+            .filter(|q| q["direction"] == direction)
+            .map(|q| q[key].as_u64().expect("counter"))
+            .sum()
+    }
+
+    /// Waits until the tap is up (a driver started the queues).
+    pub fn wait_link(&self, up: bool, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.stats()["link_up"] != up {
+            assert!(
+                Instant::now() < deadline,
+                "link_up did not become {up}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NetDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One request on a JSON-lines control socket.
+pub fn control(path: &Path, request: &str) -> serde_json::Value {
+    let mut s = UnixStream::connect(path).expect("connect control socket");
+    writeln!(s, "{request}").expect("send");
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).expect("reply");
+    serde_json::from_str(&line).expect("JSON reply")
+}

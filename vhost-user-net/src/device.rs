@@ -1,0 +1,248 @@
+//! The virtio-net device: a tap, one RX/TX engine pair per queue pair,
+//! counters, the acked features, and the link state. Knows virtio queues
+//! and guest memory, not vhost-user.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryBackend;
+
+use crate::rx::{Rx, RxError, RxStop};
+use crate::stats::QueueStats;
+use crate::tap::{Tap, TapError};
+use crate::tx::{Tx, TxError};
+use crate::virtio::{
+    config_space, device_features, tap_offload_flags, DeviceParams, Negotiated, CONFIG_SPACE_SIZE,
+};
+
+/// Brings the host side of the link up and down (the tap, over netlink in
+/// the daemon; nothing in some tests).
+pub trait LinkControl: Send + Sync + std::fmt::Debug {
+    /// Sets the tap up (`true`) or down.
+    fn set_up(&self, up: bool) -> Result<(), String>;
+}
+
+/// Device errors.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The tap has fewer queues than the device has pairs.
+    #[error("the tap has {have} queue(s), {want} needed")]
+    Queues {
+        /// Tap queues.
+        have: usize,
+        /// Queue pairs.
+        want: usize,
+    },
+    /// Configuring the tap failed.
+    #[error(transparent)]
+    Tap(#[from] TapError),
+}
+
+struct Pair {
+    rx: Rx,
+    tx: Tx,
+}
+
+/// The device shared by all queue threads.
+#[derive(Debug)]
+pub struct NetDevice {
+    params: DeviceParams,
+    tap: Tap,
+    link: Option<Box<dyn LinkControl>>,
+    pairs: Vec<Mutex<Pair>>,
+    /// Counters, indexed by queue (RX queues even, TX queues odd).
+    pub stats: Vec<QueueStats>,
+    acked: AtomicU64,
+    link_up: AtomicBool,
+    link_lock: Mutex<()>,
+    /// Pairs whose queues the driver started (their tap queue is attached).
+    started: Vec<AtomicBool>,
+}
+
+impl std::fmt::Debug for Pair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pair").finish_non_exhaustive()
+    }
+}
+
+impl NetDevice {
+    /// A device on `tap` with `params.queue_pairs` pairs.
+    pub fn new(
+        params: DeviceParams,
+        tap: Tap,
+        link: Option<Box<dyn LinkControl>>,
+    ) -> Result<NetDevice, DeviceError> {
+        let want = usize::from(params.queue_pairs);
+        if tap.queues() < want {
+            return Err(DeviceError::Queues {
+                have: tap.queues(),
+                want,
+            });
+        }
+        let n = Negotiated::new(0, params.mtu);
+        // Only pair 0 receives until the driver starts more pairs.
+        for i in 1..tap.queues() {
+            tap.set_queue_attached(i, false)?;
+        }
+        Ok(NetDevice {
+            pairs: (0..want)
+                .map(|_| {
+                    Mutex::new(Pair {
+                        rx: Rx::new(n, params.mtu),
+                        tx: Tx::new(n),
+                    })
+                })
+                .collect(),
+            stats: (0..2 * want).map(|_| QueueStats::default()).collect(),
+            params,
+            tap,
+            link,
+            acked: AtomicU64::new(0),
+            link_up: AtomicBool::new(false),
+            link_lock: Mutex::new(()),
+            started: (0..want).map(|_| AtomicBool::new(false)).collect(),
+        })
+    }
+
+    /// The fixed parameters.
+    pub fn params(&self) -> &DeviceParams {
+        &self.params
+    }
+
+    /// The tap.
+    pub fn tap(&self) -> &Tap {
+        &self.tap
+    }
+
+    /// Number of virtqueues (two per pair).
+    pub fn num_queues(&self) -> usize {
+        2 * self.pairs.len()
+    }
+
+    /// The virtio features offered.
+    pub fn features(&self) -> u64 {
+        device_features(&self.params)
+    }
+
+    /// The features the driver acked (0 before it did).
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Whether the tap is up (driver ready, frontend connected).
+    pub fn link_up(&self) -> bool {
+        self.link_up.load(Ordering::Relaxed)
+    }
+
+    /// The configuration space.
+    pub fn config(&self) -> [u8; CONFIG_SPACE_SIZE] {
+        config_space(&self.params, true)
+    }
+
+    /// The driver acked `acked`: header length and tap offloads follow.
+    pub fn set_acked(&self, acked: u64) -> Result<(), DeviceError> {
+        self.acked.store(acked, Ordering::Relaxed);
+        let n = Negotiated::new(acked, self.params.mtu);
+        self.tap.set_vnet_hdr_len(n.hdr_len)?;
+        self.tap.set_offload(tap_offload_flags(acked))?;
+        for p in &self.pairs {
+            let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+            p.rx.configure(n);
+            p.tx.configure(n);
+        }
+        Ok(())
+    }
+
+    /// The driver started the queues of `pair`: attach its tap queue and
+    /// bring the tap up (each once per connection).
+    pub fn start_pair(&self, pair: usize) {
+        if let Some(s) = self.started.get(pair) {
+            if !s.load(Ordering::Acquire) && !s.swap(true, Ordering::AcqRel) && pair > 0 {
+                if let Err(e) = self.tap.set_queue_attached(pair, true) {
+                    log::error!("{e}");
+                }
+            }
+        }
+        self.start();
+    }
+
+    /// The driver started the queues: bring the tap up (once).
+    pub fn start(&self) {
+        if self.link_up.load(Ordering::Acquire) {
+            return;
+        }
+        let _g = self.link_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.link_up.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(l) = &self.link {
+            match l.set_up(true) {
+                Ok(()) => log::info!("{} up", self.tap.name()),
+                Err(e) => log::error!("{}: {e}", self.tap.name()),
+            }
+        }
+        self.link_up.store(true, Ordering::Release);
+    }
+
+    /// The frontend went away: tap down (its bridge membership stays).
+    pub fn stop(&self) {
+        let _g = self.link_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.link_up.swap(false, Ordering::AcqRel) {
+            if let Some(l) = &self.link {
+                match l.set_up(false) {
+                    Ok(()) => log::info!("{} down", self.tap.name()),
+                    Err(e) => log::error!("{}: {e}", self.tap.name()),
+                }
+            }
+        }
+        if let Err(e) = self.set_acked(0) {
+            log::warn!("resetting the tap: {e}");
+        }
+        for (i, s) in self.started.iter().enumerate() {
+            if s.swap(false, Ordering::AcqRel) && i > 0 {
+                if let Err(e) = self.tap.set_queue_attached(i, false) {
+                    log::warn!("{e}");
+                }
+            }
+        }
+    }
+
+    /// Moves frames from the tap to the RX queue of `pair`.
+    pub fn rx<M: GuestMemoryBackend>(
+        &self,
+        pair: usize,
+        q: &mut Queue,
+        mem: &M,
+        signal: &mut dyn FnMut(),
+    ) -> Result<RxStop, RxError> {
+        let (Some(p), Some(fd), Some(stats)) = (
+            self.pairs.get(pair),
+            self.tap.fd(pair),
+            self.stats.get(2 * pair),
+        ) else {
+            return Ok(RxStop::TapEmpty);
+        };
+        let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+        p.rx.process(q, mem, fd, stats, signal)
+    }
+
+    /// Sends the TX queue of `pair` to the tap.
+    pub fn tx<M: GuestMemoryBackend>(
+        &self,
+        pair: usize,
+        q: &mut Queue,
+        mem: &M,
+        signal: &mut dyn FnMut(),
+    ) -> Result<(), TxError> {
+        let (Some(p), Some(fd), Some(stats)) = (
+            self.pairs.get(pair),
+            self.tap.fd(pair),
+            self.stats.get(2 * pair + 1),
+        ) else {
+            return Ok(());
+        };
+        let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+        p.tx.process(q, mem, fd, stats, signal)
+    }
+}

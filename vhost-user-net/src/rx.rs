@@ -1,0 +1,330 @@
+//! The receive engine of one queue pair: frames from the tap into the
+//! guest's RX buffers.
+//!
+//! Each frame is read with one `readv` straight into the descriptor chains
+//! (no bounce copy). Without MRG_RXBUF a frame goes into one chain; with it,
+//! chains are popped until they can hold the largest frame the tap may
+//! deliver, the frame is spread over as many as it needs and `num_buffers`
+//! is set in its header. Chains popped but not used are kept for the next
+//! frame and given back to the ring (un-popped) when the tap is empty.
+//!
+//! A one-byte overflow buffer after the guest's buffers detects frames that
+//! did not fit: they are dropped and counted. Malformed chains are returned
+//! with length 0 and counted. Neither stops the queue.
+
+use std::os::fd::RawFd;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryBackend;
+
+use crate::chain::{collect, write_at};
+use crate::stats::QueueStats;
+use crate::virtio::{Negotiated, ETH_OVERHEAD, HDR_LEN, NUM_BUFFERS_OFFSET};
+
+/// Most guest buffers in one `readv` (IOV_MAX is 1024, one more entry is
+/// our overflow byte); a chain with more descriptors is malformed.
+const MAX_IOV: usize = 896;
+
+/// Errors that stop this pass over the queue (the ring itself is unusable).
+#[derive(Debug, thiserror::Error)]
+pub enum RxError {
+    /// The virtqueue is broken (bad ring addresses ...).
+    #[error("virtqueue: {0:?}")]
+    Queue(virtio_queue::Error),
+}
+
+/// Why a pass ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxStop {
+    /// The tap has nothing more to read (or failed; counted).
+    TapEmpty,
+    /// The guest has not posted enough buffers; notifications are enabled.
+    NoBuffers,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Popped {
+    head: u16,
+    iov_start: usize,
+    iov_end: usize,
+    cap: usize,
+}
+
+enum Fill {
+    /// Enough buffers for the next frame.
+    Enough,
+    /// Not enough; wait for the guest.
+    Short,
+}
+
+/// The RX engine of one queue.
+pub struct Rx {
+    cfg: Negotiated,
+    mtu: usize,
+    /// Chains popped and not yet used, `first..`.
+    chains: Vec<Popped>,
+    first: usize,
+    stash_cap: usize,
+    iov: Vec<libc::iovec>,
+    scratch: Vec<libc::iovec>,
+    overflow: Box<[u8; 1]>,
+}
+
+// SAFETY: the raw pointers in `iov`/`scratch` only live during one
+// `process` call (both are cleared before it returns) and point into guest
+// memory the caller keeps mapped meanwhile; `Rx` is used by one thread at a
+// time (behind a mutex).
+unsafe impl Send for Rx {}
+
+impl std::fmt::Debug for Rx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rx").field("cfg", &self.cfg).finish()
+    }
+}
+
+fn qerr(e: virtio_queue::Error) -> RxError {
+    RxError::Queue(e)
+}
+
+impl Rx {
+    /// An engine for the negotiated settings `cfg` and MTU `mtu`.
+    pub fn new(cfg: Negotiated, mtu: u16) -> Rx {
+        Rx {
+            cfg,
+            mtu: usize::from(mtu),
+            chains: Vec::new(),
+            first: 0,
+            stash_cap: 0,
+            iov: Vec::new(),
+            scratch: Vec::new(),
+            overflow: Box::new([0u8]),
+        }
+    }
+
+    /// Applies newly negotiated settings.
+    pub fn configure(&mut self, cfg: Negotiated) {
+        self.cfg = cfg;
+    }
+
+    /// Moves frames from `fd` into the queue until the tap is empty or the
+    /// guest is out of buffers. `signal` is called whenever the driver must
+    /// be told about used buffers.
+    pub fn process<M: GuestMemoryBackend>(
+        &mut self,
+        q: &mut Queue,
+        mem: &M,
+        fd: RawFd,
+        stats: &QueueStats,
+        signal: &mut dyn FnMut(),
+    ) -> Result<RxStop, RxError> {
+        q.disable_notification(mem).map_err(qerr)?;
+        let mut unsignalled = 0usize;
+        let result = loop {
+            match self.fill(q, mem, stats, &mut unsignalled) {
+                Ok(Fill::Enough) => {}
+                Ok(Fill::Short) => match q.enable_notification(mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break Ok(RxStop::NoBuffers),
+                    Err(e) => break Err(qerr(e)),
+                },
+                Err(e) => break Err(e),
+            }
+            match self.receive_one(q, mem, fd, stats) {
+                Ok(Some(used)) => unsignalled += used,
+                Ok(None) => break Ok(RxStop::TapEmpty),
+                Err(e) => break Err(e),
+            }
+            if unsignalled >= 64 {
+                if q.needs_notification(mem).map_err(qerr)? {
+                    signal();
+                }
+                unsignalled = 0;
+            }
+        };
+        self.rewind(q);
+        if unsignalled > 0 && q.needs_notification(mem).map_err(qerr)? {
+            signal();
+        }
+        result
+    }
+
+    /// Gives the unused popped chains back to the ring.
+    fn rewind(&mut self, q: &mut Queue) {
+        for _ in self.first..self.chains.len() {
+            q.go_to_previous_position();
+        }
+        self.chains.clear();
+        self.iov.clear();
+        self.scratch.clear();
+        self.first = 0;
+        self.stash_cap = 0;
+    }
+
+    fn stashed(&self) -> usize {
+        self.chains.len() - self.first
+    }
+
+    /// Pops chains until the next frame fits (see the module doc).
+    fn fill<M: GuestMemoryBackend>(
+        &mut self,
+        q: &mut Queue,
+        mem: &M,
+        stats: &QueueStats,
+        unsignalled: &mut usize,
+    ) -> Result<Fill, RxError> {
+        let hdr = self.cfg.hdr_len;
+        let want = if self.cfg.mrg_rxbuf {
+            hdr + self.cfg.max_rx_frame
+        } else {
+            1
+        };
+        let mut blocked = false;
+        while (self.cfg.mrg_rxbuf && self.stash_cap < want) || self.stashed() == 0 {
+            let base = self
+                .chains
+                .get(self.first)
+                .map_or(self.iov.len(), |c| c.iov_start);
+            if self.iov.len() - base >= MAX_IOV {
+                // readv takes at most IOV_MAX buffers: go with what we have.
+                blocked = true;
+                break;
+            }
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let start = self.iov.len();
+            match collect(mem, chain, true, &mut self.iov) {
+                Ok(cap) if cap >= hdr && self.iov.len() - start <= MAX_IOV => {
+                    self.chains.push(Popped {
+                        head,
+                        iov_start: start,
+                        iov_end: self.iov.len(),
+                        cap,
+                    });
+                    self.stash_cap += cap;
+                }
+                _ => {
+                    if self.stashed() > 0 {
+                        // Completing it now would put it between the used
+                        // entries of the frame being gathered: leave it for
+                        // when the stash is empty.
+                        self.iov.truncate(start);
+                        q.go_to_previous_position();
+                        blocked = true;
+                        break;
+                    }
+                    self.iov.truncate(start);
+                    QueueStats::add(&stats.errors, 1);
+                    q.add_used(mem, head, 0).map_err(qerr)?;
+                    *unsignalled += 1;
+                }
+            }
+        }
+        if self.stashed() == 0 {
+            return Ok(Fill::Short);
+        }
+        if !self.cfg.mrg_rxbuf || self.stash_cap >= want || blocked {
+            return Ok(Fill::Enough);
+        }
+        // The ring is empty: go ahead if at least an MTU-sized frame fits
+        // (a larger GSO frame is then dropped and counted), rather than
+        // stalling a guest that keeps fewer buffers posted.
+        if self.stash_cap >= hdr + self.mtu + ETH_OVERHEAD {
+            Ok(Fill::Enough)
+        } else {
+            Ok(Fill::Short)
+        }
+    }
+
+    /// Reads one frame into the stashed chains. `Some(n)`: n chains were
+    /// used (0 when the frame was dropped); `None`: the tap is empty.
+    fn receive_one<M: GuestMemoryBackend>(
+        &mut self,
+        q: &mut Queue,
+        mem: &M,
+        fd: RawFd,
+        stats: &QueueStats,
+    ) -> Result<Option<usize>, RxError> {
+        let hdr = self.cfg.hdr_len;
+        let front = self.chains[self.first];
+        let (mut last, mut cap) = (self.first, front.cap);
+        if self.cfg.mrg_rxbuf {
+            // Every stashed chain, within readv's limit on buffers.
+            while last + 1 < self.chains.len()
+                && self.chains[last + 1].iov_end - front.iov_start <= MAX_IOV
+            {
+                last += 1;
+                cap += self.chains[last].cap;
+            }
+        }
+        self.scratch.clear();
+        self.scratch
+            .extend_from_slice(&self.iov[front.iov_start..self.chains[last].iov_end]);
+        self.scratch.push(libc::iovec {
+            iov_base: self.overflow.as_mut_ptr().cast(),
+            iov_len: 1,
+        });
+        let n = loop {
+            // SAFETY: every iovec is guest memory validated by `collect`
+            // (kept mapped by the caller's `mem`) or our overflow byte.
+            let r = unsafe { libc::readv(fd, self.scratch.as_ptr(), self.scratch.len() as i32) };
+            if r >= 0 {
+                break r as usize;
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return Ok(None),
+                _ => {
+                    QueueStats::add(&stats.errors, 1);
+                    return Ok(None);
+                }
+            }
+        };
+        if n > cap || n < hdr {
+            // Larger than the buffers (truncated by the kernel), or runt.
+            QueueStats::add(&stats.drops, 1);
+            return Ok(Some(0));
+        }
+        // How many chains the frame covers.
+        let mut left = n;
+        let mut used = 0usize;
+        for c in &self.chains[self.first..=last] {
+            used += 1;
+            if left <= c.cap {
+                break;
+            }
+            left -= c.cap;
+        }
+        if hdr == HDR_LEN {
+            let nb = (used as u16).to_le_bytes();
+            // SAFETY: the front chain's iovecs are guest memory validated by
+            // `collect` and still mapped; it holds at least `hdr` bytes.
+            unsafe {
+                write_at(
+                    &self.iov[front.iov_start..front.iov_end],
+                    NUM_BUFFERS_OFFSET,
+                    &nb,
+                );
+            }
+        }
+        let mut left = n;
+        for i in 0..used {
+            let c = self.chains[self.first + i];
+            let len = left.min(c.cap);
+            left -= len;
+            self.stash_cap -= c.cap;
+            q.add_used(mem, c.head, len as u32).map_err(qerr)?;
+        }
+        self.first += used;
+        if self.first == self.chains.len() {
+            self.chains.clear();
+            self.iov.clear();
+            self.first = 0;
+        }
+        QueueStats::add(&stats.packets, 1);
+        QueueStats::add(&stats.bytes, (n - hdr) as u64);
+        Ok(Some(used))
+    }
+}
