@@ -24,8 +24,8 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
 use vm_memory::bitmap::Bitmap;
@@ -196,6 +196,29 @@ pub trait VhostUserBackend: Send + Sync {
             "back end does not support shared memory regions",
         ))
     }
+
+    /// Allocate the inflight I/O tracking region (`VHOST_USER_GET_INFLIGHT_FD`) for
+    /// `inflight.num_queues` queues of `inflight.queue_size`, and return its description and
+    /// the file the front-end keeps across back-end restarts.
+    ///
+    /// A back-end that advertises `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` implements this and
+    /// [`set_inflight_fd`](Self::set_inflight_fd); the default refuses.
+    fn get_inflight_fd(&self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    /// Use the inflight I/O tracking region in `file` (`VHOST_USER_SET_INFLIGHT_FD`): track
+    /// descriptors in it from now on and resubmit those a previous instance left in flight.
+    /// After this succeeded, each vring is kicked once when it starts.
+    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
 }
 
 /// Trait without interior mutability for vhost user backend servers to implement concrete services.
@@ -354,6 +377,29 @@ pub trait VhostUserBackendMut: Send + Sync {
             "back end does not support shared memory regions",
         ))
     }
+
+    /// Allocate the inflight I/O tracking region (`VHOST_USER_GET_INFLIGHT_FD`) for
+    /// `inflight.num_queues` queues of `inflight.queue_size`, and return its description and
+    /// the file the front-end keeps across back-end restarts.
+    ///
+    /// A back-end that advertises `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` implements this and
+    /// [`set_inflight_fd`](Self::set_inflight_fd); the default refuses.
+    fn get_inflight_fd(&mut self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    /// Use the inflight I/O tracking region in `file` (`VHOST_USER_SET_INFLIGHT_FD`): track
+    /// descriptors in it from now on and resubmit those a previous instance left in flight.
+    /// After this succeeded, each vring is kicked once when it starts.
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
 }
 
 impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
@@ -450,6 +496,14 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.deref().get_shmem_config()
+    }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.deref().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.deref().set_inflight_fd(inflight, file)
     }
 }
 
@@ -551,6 +605,14 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.lock().unwrap().get_shmem_config()
     }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.lock().unwrap().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.lock().unwrap().set_inflight_fd(inflight, file)
+    }
 }
 
 impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
@@ -650,6 +712,14 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.read().unwrap().get_shmem_config()
+    }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.write().unwrap().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.write().unwrap().set_inflight_fd(inflight, file)
     }
 }
 

@@ -110,6 +110,9 @@ pub struct VhostUserHandler<T: VhostUserBackend> {
     #[cfg(feature = "postcopy")]
     pending_mem: Option<GuestMemoryMmap<T::Bitmap>>,
     worker_threads: Vec<thread::JoinHandle<VringEpollResult<()>>>,
+    // Set by SET_INFLIGHT_FD: kick each vring once when it starts, so that the
+    // back-end resubmits inflight descriptors without waiting for the driver.
+    kick_on_start: bool,
 }
 
 // Ensure VhostUserHandler: Clone + Send + Sync + 'static.
@@ -173,6 +176,7 @@ where
             #[cfg(feature = "postcopy")]
             pending_mem: None,
             worker_threads,
+            kick_on_start: false,
         })
     }
 }
@@ -251,7 +255,20 @@ where
 
     fn initialize_vring(&self, vring: &T::Vring, index: u8) -> VhostUserResult<()> {
         vring.set_queue_ready(true);
-        self.update_vring_registration(vring, index)
+        self.update_vring_registration(vring, index)?;
+        if self.kick_on_start {
+            if let Some(kick) = vring.get_ref().get_kick() {
+                // The eventfd stays readable until the worker consumes it.
+                let one = 1u64.to_ne_bytes();
+                // SAFETY: the kick eventfd is owned by the vring state borrowed
+                // here; writing 8 bytes from a local buffer.
+                let r = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+                if r < 0 {
+                    return Err(VhostUserError::ReqHandlerError(io::Error::last_os_error()));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Adds or removes the vring's kick fd to the epoll instance based on the vring status.
@@ -665,20 +682,23 @@ where
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
     ) -> VhostUserResult<(vhost::vhost_user::message::VhostUserInflight, File)> {
-        // Assume the backend hasn't negotiated the inflight feature; it
-        // wouldn't be correct for the backend to do so, as we don't (yet)
-        // provide a way for it to handle such requests.
-        Err(VhostUserError::InvalidOperation("not supported"))
+        self.backend
+            .get_inflight_fd(inflight)
+            .map_err(VhostUserError::ReqHandlerError)
     }
 
     fn set_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
-        _file: File,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
+        file: File,
     ) -> VhostUserResult<()> {
-        Err(VhostUserError::InvalidOperation("not supported"))
+        self.backend
+            .set_inflight_fd(inflight, file)
+            .map_err(VhostUserError::ReqHandlerError)?;
+        self.kick_on_start = true;
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
