@@ -277,6 +277,11 @@ impl VhostUserBackend for BlkBackend {
             msg.queue_size,
         )
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        log::info!(
+            "inflight tracking on: {} queue(s) of {}",
+            msg.num_queues,
+            msg.queue_size
+        );
         self.0.set_inflight(region);
         Ok(())
     }

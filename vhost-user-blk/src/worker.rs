@@ -184,6 +184,7 @@ impl Worker {
             return Ok(());
         }
         q.set_next_avail(next);
+        log::debug!("inflight recovery: used {used}, avail {avail}, next {next}");
         if !heads.is_empty() {
             log::info!(
                 "resubmitting {} request(s) left in flight by a previous instance",

@@ -111,7 +111,8 @@ pub struct VhostUserHandler<T: VhostUserBackend> {
     pending_mem: Option<GuestMemoryMmap<T::Bitmap>>,
     worker_threads: Vec<thread::JoinHandle<VringEpollResult<()>>>,
     // Set by SET_INFLIGHT_FD: kick each vring once when it starts, so that the
-    // back-end resubmits inflight descriptors without waiting for the driver.
+    // back-end resubmits inflight descriptors without waiting for the driver,
+    // and signal each new call eventfd once.
     kick_on_start: bool,
 }
 
@@ -579,6 +580,15 @@ where
             .ok_or(VhostUserError::InvalidParam)?;
 
         vring.set_call(file);
+        if self.kick_on_start {
+            // Completions of this or a previous instance may have been
+            // signalled to a notifier the front-end since replaced (it
+            // masks vrings while it sets them up): a spurious interrupt is
+            // harmless, a lost one hangs the driver.
+            vring
+                .signal_used_queue()
+                .map_err(VhostUserError::ReqHandlerError)?;
+        }
 
         if self.vring_needs_init(vring) {
             self.initialize_vring(vring, index)?;
