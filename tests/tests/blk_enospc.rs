@@ -97,9 +97,7 @@ fn raw_enospc_fails_the_request_and_the_daemon_recovers_when_space_returns() {
     let image = fs.0.join("disk.raw");
     create_image(&image, Format::Raw, DISK);
     let mut daemon = start(&image, Format::Raw, fs.1.path());
-    let mut client = daemon
-        .connect(&ClientOptions::queues(1))
-        .expect("connect");
+    let mut client = daemon.connect(&ClientOptions::queues(1)).expect("connect");
     let n = fill(&mut client, &mut daemon);
     assert!(
         (2..=TMPFS_MIB as usize).contains(&n),
@@ -124,9 +122,7 @@ fn qcow2_enospc_fails_the_request_and_leaves_a_consistent_image() {
     let image = fs.0.join("disk.qcow2");
     create_image(&image, Format::Qcow2, DISK);
     let mut daemon = start(&image, Format::Qcow2, fs.1.path());
-    let mut client = daemon
-        .connect(&ClientOptions::queues(1))
-        .expect("connect");
+    let mut client = daemon.connect(&ClientOptions::queues(1)).expect("connect");
     let n = fill(&mut client, &mut daemon);
     assert!(
         (2..=TMPFS_MIB as usize).contains(&n),

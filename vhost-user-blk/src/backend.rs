@@ -215,6 +215,33 @@ impl BlkDevice {
     }
 }
 
+/// Refuses memory regions that extend past the end of the regular file
+/// (memfd) backing them: touching those pages would kill the daemon with
+/// SIGBUS. (A frontend that shrinks the file later can still do that; it
+/// owns the guest's memory anyway.)
+fn check_regions_fit_files(mem: &GuestMemoryMmap) -> io::Result<()> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for r in mem.iter() {
+        let Some(fo) = r.file_offset() else {
+            continue;
+        };
+        let md = fo.file().metadata()?;
+        let end = fo.start().checked_add(r.len());
+        if md.is_file() && end.is_none_or(|end| end > md.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "memory region of {} bytes at offset {} exceeds its file ({} bytes)",
+                    r.len(),
+                    fo.start(),
+                    md.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl VhostUserBackend for BlkBackend {
     type Bitmap = ();
     type Vring = VringRwLock;
@@ -310,6 +337,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        check_regions_fit_files(&mem.memory())?;
         *self.0.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
         Ok(())
     }
