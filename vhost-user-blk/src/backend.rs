@@ -6,7 +6,9 @@ use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
@@ -17,6 +19,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::disk::Disk;
+use crate::inflight::{self, InflightRegion};
 use crate::stats::QueueStats;
 use crate::virtio::{config_space, device_features, ConfigParams, WRITEBACK_OFFSET};
 use crate::worker::{DeviceSettings, Worker};
@@ -143,10 +146,25 @@ impl BlkDevice {
         }
     }
 
-    /// Forgets the vrings of a connection that ended.
+    /// Forgets the vrings and the inflight region of a connection that ended.
     pub fn disconnected(&self) {
         for slot in &self.vrings {
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        for w in &self.workers {
+            w.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_inflight(None);
+        }
+    }
+
+    /// Tracks in-flight requests of every queue in `region` from now on;
+    /// each queue first resubmits what the region records.
+    pub fn set_inflight(&self, region: InflightRegion) {
+        let region = Arc::new(region);
+        for (i, w) in self.workers.iter().enumerate() {
+            let q = u16::try_from(i).ok().and_then(|i| region.queue(i));
+            w.lock().unwrap_or_else(|e| e.into_inner()).set_inflight(q);
         }
     }
 
@@ -197,6 +215,33 @@ impl BlkDevice {
     }
 }
 
+/// Refuses memory regions that extend past the end of the regular file
+/// (memfd) backing them: touching those pages would kill the daemon with
+/// SIGBUS. (A frontend that shrinks the file later can still do that; it
+/// owns the guest's memory anyway.)
+fn check_regions_fit_files(mem: &GuestMemoryMmap) -> io::Result<()> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for r in mem.iter() {
+        let Some(fo) = r.file_offset() else {
+            continue;
+        };
+        let md = fo.file().metadata()?;
+        let end = fo.start().checked_add(r.len());
+        if md.is_file() && end.is_none_or(|end| end > md.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "memory region of {} bytes at offset {} exceeds its file ({} bytes)",
+                    r.len(),
+                    fo.start(),
+                    md.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl VhostUserBackend for BlkBackend {
     type Bitmap = ();
     type Vring = VringRwLock;
@@ -229,6 +274,43 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn get_inflight_fd(
+        &self,
+        msg: &VhostUserInflight,
+    ) -> io::Result<(VhostUserInflight, std::fs::File)> {
+        if usize::from(msg.num_queues) > self.0.num_queues() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "more inflight queues than the device has",
+            ));
+        }
+        let (file, size) =
+            inflight::create(msg.num_queues, msg.queue_size).map_err(io::Error::other)?;
+        Ok((
+            VhostUserInflight::new(size, 0, msg.num_queues, msg.queue_size),
+            file,
+        ))
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: std::fs::File) -> io::Result<()> {
+        let region = InflightRegion::map(
+            file,
+            msg.mmap_offset,
+            msg.mmap_size,
+            msg.num_queues,
+            msg.queue_size,
+        )
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        log::info!(
+            "inflight tracking on: {} queue(s) of {}",
+            msg.num_queues,
+            msg.queue_size
+        );
+        self.0.set_inflight(region);
+        Ok(())
     }
 
     fn set_event_idx(&self, _enabled: bool) {}
@@ -255,6 +337,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        check_regions_fit_files(&mem.memory())?;
         *self.0.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
         Ok(())
     }

@@ -7,6 +7,8 @@
 //! - [`cli`]: command line and its validation into a `Config`.
 //! - [`disk`]: raw file / block device or qcow2 image behind one type.
 //! - [`request`]: virtio-blk request parsing from descriptor chains.
+//! - [`chain`]: walking a descriptor chain from a head index (resubmission).
+//! - [`inflight`]: the inflight I/O tracking region (crash recovery).
 //! - [`worker`]: the per-queue engine (io_uring for raw, the qcow2 crate for qcow2).
 //! - [`virtio`]: feature bits and the configuration space.
 //! - [`stats`]: per-queue counters.
@@ -15,9 +17,11 @@
 //! - [`control`]: the JSON-lines control socket (stats, live snapshots, resize).
 
 pub mod backend;
+pub mod chain;
 pub mod cli;
 pub mod control;
 pub mod disk;
+pub mod inflight;
 pub mod request;
 pub mod server;
 pub mod stats;

@@ -8,6 +8,10 @@
 //! per-queue bounce buffer. Nothing here allocates per request once the
 //! buffers have grown to the largest request seen.
 //!
+//! With an inflight region ([`crate::inflight`]), every head taken from the
+//! available ring is recorded until it is in the used ring, and after a
+//! restart the recorded heads are resubmitted, oldest first, before new ones.
+//!
 //! This module knows virtio queues and guest memory, not vhost-user.
 
 use std::sync::atomic::Ordering;
@@ -18,7 +22,9 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BL
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::chain::ChainWalker;
 use crate::disk::Disk;
+use crate::inflight::QueueInflight;
 use crate::request::{parse, Request, RequestType, Segments, DWZ_SEGMENT_SIZE, SECTOR_SIZE};
 use crate::stats::QueueStats;
 
@@ -68,6 +74,12 @@ pub struct Worker {
     free: Vec<usize>,
     segs: Segments,
     bounce: Vec<u8>,
+    /// Inflight tracking shared with the frontend, if it set one up.
+    inflight: Option<QueueInflight>,
+    /// Recover from `inflight` before the next pass.
+    recover: bool,
+    /// Heads to resubmit before taking new ones (the next one last).
+    resubmit: Vec<u16>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -126,7 +138,62 @@ impl Worker {
             free: (0..entries as usize).rev().collect(),
             segs: Segments::default(),
             bounce: Vec::new(),
+            inflight: None,
+            recover: false,
+            resubmit: Vec::new(),
         })
+    }
+
+    /// Tracks requests in `inflight` from now on (`None`: stop tracking).
+    /// The next pass first resubmits what the region records as in flight.
+    pub fn set_inflight(&mut self, inflight: Option<QueueInflight>) {
+        self.recover = inflight.is_some();
+        self.inflight = inflight;
+        self.resubmit.clear();
+    }
+
+    /// Number of heads waiting to be resubmitted.
+    pub fn pending_resubmits(&self) -> usize {
+        self.resubmit.len()
+    }
+
+    /// Applies the inflight region after a (re)connect: the available ring
+    /// position becomes the used index plus the heads still in flight (the
+    /// previous instance took exactly those), which are queued for
+    /// resubmission in the order they were first taken.
+    fn recover<M: GuestMemoryBackend>(
+        &mut self,
+        q: &mut Queue,
+        mem: &M,
+    ) -> Result<(), WorkerError> {
+        self.recover = false;
+        let Some(t) = self.inflight.as_mut() else {
+            return Ok(());
+        };
+        let used = q.used_idx(mem, Ordering::Acquire).map_err(queue_err)?.0;
+        let heads = t.recover(used, q.size());
+        let next = used.wrapping_add(heads.len() as u16);
+        let avail = q.avail_idx(mem, Ordering::Acquire).map_err(queue_err)?.0;
+        if avail.wrapping_sub(next) > q.size() {
+            // The region and the rings disagree: trust the frontend's base.
+            log::warn!(
+                "inflight region inconsistent with the rings (used {used}, {} in flight, \
+                 avail {avail}): not resubmitting",
+                heads.len()
+            );
+            return Ok(());
+        }
+        q.set_next_avail(next);
+        log::debug!("inflight recovery: used {used}, avail {avail}, next {next}");
+        if !heads.is_empty() {
+            log::info!(
+                "resubmitting {} request(s) left in flight by a previous instance",
+                heads.len()
+            );
+        }
+        self.resubmit = heads;
+        self.resubmit.reverse();
+        Ok(())
     }
 
     /// Processes the queue until it is empty with notifications enabled.
@@ -142,6 +209,9 @@ impl Worker {
         stats: &QueueStats,
         signal: &mut dyn FnMut(),
     ) -> Result<(), WorkerError> {
+        if self.recover {
+            self.recover(q, mem)?;
+        }
         loop {
             q.disable_notification(mem).map_err(queue_err)?;
             loop {
@@ -152,6 +222,14 @@ impl Worker {
             }
             if !q.enable_notification(mem).map_err(queue_err)? {
                 return Ok(());
+            }
+            // More is available: unless the driver published an available
+            // index no ring can hold (we would spin on it forever).
+            let avail = q.avail_idx(mem, Ordering::Acquire).map_err(queue_err)?;
+            if avail.0.wrapping_sub(q.next_avail()) > q.size() {
+                return Err(WorkerError::Queue(
+                    virtio_queue::Error::InvalidAvailRingIndex,
+                ));
             }
         }
     }
@@ -175,11 +253,21 @@ impl Worker {
         let mut unsignalled = 0usize;
         loop {
             while let Some(&slot) = self.free.last() {
-                let Some(chain) = q.pop_descriptor_chain(mem) else {
-                    break;
+                let (head, parsed) = if let Some(head) = self.resubmit.pop() {
+                    let table = GuestAddress(q.desc_table());
+                    let chain = ChainWalker::new(mem, table, q.size(), head);
+                    (head, parse(mem, chain, &mut self.segs))
+                } else {
+                    let Some(chain) = q.pop_descriptor_chain(mem) else {
+                        break;
+                    };
+                    let head = chain.head_index();
+                    if let Some(t) = self.inflight.as_mut() {
+                        t.begin(head);
+                    }
+                    (head, parse(mem, chain, &mut self.segs))
                 };
-                let head = chain.head_index();
-                let done = match parse(mem, chain, &mut self.segs) {
+                let done = match parsed {
                     Ok(req) => self
                         .start(disk, settings, writeback, mem, head, &req, slot, stats)
                         .map(|d| (req.status, d)),
@@ -189,7 +277,7 @@ impl Worker {
                     }
                     Err((_, None)) => {
                         QueueStats::add(&stats.malformed, 1);
-                        q.add_used(mem, head, 0).map_err(queue_err)?;
+                        add_used(mem, q, head, 0, self.inflight.as_ref())?;
                         completed += 1;
                         unsignalled += 1;
                         continue;
@@ -197,7 +285,7 @@ impl Worker {
                 };
                 match done {
                     Some((status, d)) => {
-                        finish(mem, q, head, status, d, stats)?;
+                        finish(mem, q, head, status, d, stats, self.inflight.as_ref())?;
                         completed += 1;
                         unsignalled += 1;
                     }
@@ -393,7 +481,8 @@ impl Worker {
             }
             let (head, addr, used_len) = (s.head, s.status, s.used_len);
             self.free.push(slot);
-            finish(mem, q, head, addr, Done { status, used_len }, stats)?;
+            let d = Done { status, used_len };
+            finish(mem, q, head, addr, d, stats, self.inflight.as_ref())?;
             done += 1;
         }
         Ok(done)
@@ -518,6 +607,24 @@ fn gather<M: GuestMemoryBackend>(mem: &M, segs: &Segments, mut buf: &mut [u8]) -
     Ok(())
 }
 
+/// Puts `head` in the used ring, keeping the inflight record in step.
+fn add_used<M: GuestMemoryBackend>(
+    mem: &M,
+    q: &mut Queue,
+    head: u16,
+    len: u32,
+    inflight: Option<&QueueInflight>,
+) -> Result<(), WorkerError> {
+    if let Some(t) = inflight {
+        t.before_used(head);
+    }
+    q.add_used(mem, head, len).map_err(queue_err)?;
+    if let Some(t) = inflight {
+        t.after_used(head, q.next_used());
+    }
+    Ok(())
+}
+
 /// Writes the status byte and returns the chain to the driver.
 fn finish<M: GuestMemoryBackend>(
     mem: &M,
@@ -526,6 +633,7 @@ fn finish<M: GuestMemoryBackend>(
     status_addr: GuestAddress,
     done: Done,
     stats: &QueueStats,
+    inflight: Option<&QueueInflight>,
 ) -> Result<(), WorkerError> {
     // The address was validated when the chain was parsed.
     let _ = mem.write_obj(done.status as u8, status_addr);
@@ -535,7 +643,7 @@ fn finish<M: GuestMemoryBackend>(
         VIRTIO_BLK_S_UNSUPP => QueueStats::add(&stats.unsupported, 1),
         _ => QueueStats::add(&stats.io_errors, 1),
     }
-    q.add_used(mem, head, done.used_len).map_err(queue_err)
+    add_used(mem, q, head, done.used_len, inflight)
 }
 
 /// Spins up to `window` waiting for new available buffers.
