@@ -3,3 +3,8 @@
 //! utilities used by more than one crate.
 //!
 //! Not yet implemented: this crate is a placeholder until issues #3-#6 land.
+//!
+//! # Modules
+//! - [`sandbox`]: the seccomp filter and dropping root (`--seccomp`, `--user`).
+
+pub mod sandbox;
