@@ -5,5 +5,7 @@
 //!   follows: binding `--socket-path` (replacing a stale socket file),
 //!   taking over `--fd`, and the serve loop that listens again on the same
 //!   socket after each frontend disconnects.
+//! - [`sandbox`]: the seccomp filter and dropping root (`--seccomp`, `--user`).
 
+pub mod sandbox;
 pub mod server;

@@ -8,6 +8,7 @@
 //! (vhost-user-blk frontend) client and block conformance suite.
 
 pub mod blkio_client;
+pub mod fuzz_blk;
 pub mod fuzz_body;
 pub mod guest;
 pub mod netd;

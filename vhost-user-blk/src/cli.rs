@@ -1,6 +1,7 @@
 //! Command line (QEMU's vhost-user backend program conventions plus our
 //! options) and its validation into a [`Config`].
 
+use outboard_common::sandbox::SeccompMode;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -95,6 +96,23 @@ pub struct Args {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, default_value = "info")]
     pub log_level: log::LevelFilter,
+    /// Seccomp filter once serving: errno (forbidden system calls fail with
+    /// EPERM), kill (SIGSYS), log (allowed, logged by the kernel) or off.
+    #[arg(long, value_name = "MODE", default_value = "errno")]
+    pub seccomp: SeccompMode,
+    /// Run as this user once the image and sockets are open (when started as root).
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Permissions of the --socket-path socket file, in octal (e.g. 0660).
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
+    pub socket_mode: Option<u32>,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode such as 0660"))
 }
 
 /// Where the daemon listens.
@@ -131,6 +149,12 @@ pub struct Config {
     pub poll: Duration,
     /// Control socket.
     pub control_socket: Option<PathBuf>,
+    /// Seccomp mode.
+    pub seccomp: SeccompMode,
+    /// Unprivileged user to switch to.
+    pub user: Option<String>,
+    /// Socket file permissions.
+    pub socket_mode: Option<u32>,
 }
 
 /// Invalid command lines.
@@ -189,6 +213,9 @@ impl TryFrom<Args> for Config {
             writeback: a.cache == CacheArg::Writeback,
             poll: Duration::from_micros(a.poll_us),
             control_socket: a.control_socket,
+            seccomp: a.seccomp,
+            user: a.user,
+            socket_mode: a.socket_mode,
         })
     }
 }

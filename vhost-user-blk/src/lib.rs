@@ -30,6 +30,8 @@ pub mod worker;
 
 use std::sync::Arc;
 
+use outboard_common::sandbox;
+
 use crate::backend::BlkDevice;
 use crate::cli::{Config, Listen};
 use crate::disk::Disk;
@@ -62,6 +64,12 @@ pub enum Error {
     /// Signal handling could not be set up.
     #[error("signal handling")]
     Signals(#[source] std::io::Error),
+    /// --socket-mode could not be applied.
+    #[error("setting the socket permissions")]
+    SocketMode(#[source] std::io::Error),
+    /// Seccomp or dropping privileges failed.
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::SandboxError),
 }
 
 /// Opens the disk, builds the device and serves frontends until a signal.
@@ -108,7 +116,20 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         control::spawn(path, device.clone())?;
         log::info!("control socket on {}", path.display());
     }
-    spawn_signal_thread(device.clone(), owned_path)?;
+    spawn_signal_thread(device.clone(), owned_path.clone())?;
+    if let (Some(mode), Some(p)) = (cfg.socket_mode, &owned_path) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .map_err(Error::SocketMode)?;
+    }
+    if let Some(user) = &cfg.user {
+        sandbox::drop_privileges(user)?;
+        log::info!("running as {user}");
+    }
+    sandbox::apply(cfg.seccomp, &[])?;
+    if cfg.seccomp != sandbox::SeccompMode::Off {
+        log::info!("seccomp filter on ({:?})", cfg.seccomp);
+    }
     server::serve(device, listener)?;
     Ok(())
 }
