@@ -30,6 +30,16 @@ pub struct VmmGuest {
 
 /// Why a VMM test cannot run here, or the guest to use.
 pub fn guest_or_skip() -> Result<VmmGuest, String> {
+    guest_or_skip_with(false)
+}
+
+/// [`guest_or_skip`] with `fio` in the guest (on a PVM host the initramfs of
+/// `OB_PVM_FIO=1 scripts/guest/build-pvm-initramfs.sh`; the Debian test guest has it).
+pub fn guest_with_fio_or_skip() -> Result<VmmGuest, String> {
+    guest_or_skip_with(true)
+}
+
+fn guest_or_skip_with(fio: bool) -> Result<VmmGuest, String> {
     if !Path::new("/dev/kvm").exists() {
         return Err("/dev/kvm is absent".into());
     }
@@ -57,6 +67,7 @@ pub fn guest_or_skip() -> Result<VmmGuest, String> {
     let o = Command::new("bash")
         .arg(&script)
         .arg(&out)
+        .env("OB_PVM_FIO", if fio { "1" } else { "0" })
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
     assert!(
@@ -67,7 +78,11 @@ pub fn guest_or_skip() -> Result<VmmGuest, String> {
     );
     Ok(VmmGuest {
         kernel,
-        initramfs: out.join("pvm-initramfs.cpio.gz"),
+        initramfs: out.join(if fio {
+            "pvm-initramfs-fio.cpio.gz"
+        } else {
+            "pvm-initramfs.cpio.gz"
+        }),
         pvm,
     })
 }

@@ -1,13 +1,18 @@
 //! The vhost-user frontend side of one device: connect and negotiate,
 //! read/write config space (GET_CONFIG/SET_CONFIG), hand the memory table,
 //! the rings, the kick eventfds (ioeventfds) and the call eventfds (irqfds)
-//! to the backend, and stop the rings on reset. No virtio-pci knowledge.
+//! to the backend, and stop the rings on reset. Where the backend offers
+//! INFLIGHT_SHMFD, the inflight region it hands out at the first start is
+//! kept here ([`Inflight`]) and handed to every later instance of the backend
+//! before its rings start, so a restarted backend completes what a crashed one
+//! had taken. No virtio-pci knowledge.
 
+use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -63,6 +68,25 @@ pub struct QueueSetup<'a> {
     pub call: Option<&'a EventFd>,
 }
 
+/// The inflight I/O tracking region of a device (vhost-user "Inflight I/O
+/// tracking"): a shared memory file the backend allocated (GET_INFLIGHT_FD)
+/// and records taken-but-unfinished requests in. The frontend only keeps it
+/// and hands it back (SET_INFLIGHT_FD) after a reconnect; it never reads it.
+pub struct Inflight {
+    file: File,
+    info: VhostUserInflight,
+}
+
+impl std::fmt::Debug for Inflight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inflight")
+            .field("mmap_size", &self.info.mmap_size)
+            .field("num_queues", &self.info.num_queues)
+            .field("queue_size", &self.info.queue_size)
+            .finish()
+    }
+}
+
 /// A connected backend.
 pub struct Backend {
     path: PathBuf,
@@ -115,7 +139,8 @@ impl Backend {
                     .map_err(|e| req("GET_PROTOCOL_FEATURES", e))?;
             let want = VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::CONFIG
-                | VhostUserProtocolFeatures::REPLY_ACK;
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
             b.protocol = offered & want;
             b.fe.set_protocol_features(b.protocol)
                 .map_err(|e| req("SET_PROTOCOL_FEATURES", e))?;
@@ -147,6 +172,37 @@ impl Backend {
     /// Whether config space can be read from the backend.
     pub fn has_config(&self) -> bool {
         self.protocol.contains(VhostUserProtocolFeatures::CONFIG)
+    }
+
+    /// Whether the backend tracks inflight I/O in a region we keep.
+    pub fn has_inflight(&self) -> bool {
+        self.protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    }
+
+    /// GET_INFLIGHT_FD: a fresh region for `num_queues` queues of up to
+    /// `queue_size` descriptors.
+    pub fn get_inflight(&mut self, num_queues: u16, queue_size: u16) -> Result<Inflight, Error> {
+        let req = VhostUserInflight::new(0, 0, num_queues, queue_size);
+        let (info, file) = self
+            .fe
+            .get_inflight_fd(&req)
+            .map_err(|e| Error::Request(self.path.clone(), "GET_INFLIGHT_FD", e))?;
+        if info.mmap_size == 0 {
+            return Err(Error::Refused(
+                self.path.clone(),
+                "returned an empty inflight region".into(),
+            ));
+        }
+        Ok(Inflight { file, info })
+    }
+
+    /// SET_INFLIGHT_FD: hands `region` to this backend instance (before the
+    /// rings start, so it resubmits what the region records).
+    pub fn set_inflight(&mut self, region: &Inflight) -> Result<(), Error> {
+        self.fe
+            .set_inflight_fd(&region.info, region.file.as_raw_fd())
+            .map_err(|e| Error::Request(self.path.clone(), "SET_INFLIGHT_FD", e))
     }
 
     /// The socket fd (to watch for a hang-up).

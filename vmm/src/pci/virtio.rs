@@ -22,7 +22,7 @@ use crate::bus::lock;
 use crate::devices::legacy::ExitSignal;
 use crate::irq::{IrqRouting, MsiMessage};
 use crate::memory::GuestMemory;
-use crate::vhost_user::{Backend, QueueSetup};
+use crate::vhost_user::{Backend, Inflight, QueueSetup};
 
 const COMMON_OFF: u64 = 0x0000;
 const COMMON_LEN: u64 = 0x38;
@@ -156,6 +156,9 @@ struct State {
     /// (queue, gsi) irqfds currently registered.
     irqfds: Vec<(usize, u32)>,
     activated: bool,
+    /// The backend's inflight region, kept from the first start until the
+    /// device is reset, across backend restarts.
+    inflight: Option<Inflight>,
 }
 
 /// A virtio-pci function (the PCI bus holds this handle; the watcher thread another).
@@ -288,6 +291,7 @@ impl VirtioPci {
             queues,
             irqfds: Vec::new(),
             activated: false,
+            inflight: None,
         };
         let state = Arc::new(Mutex::new(state));
         spawn_watcher(state.clone(), exit)?;
@@ -525,6 +529,8 @@ impl State {
         }
         self.unregister_irqfds();
         self.activated = false;
+        // A reset driver starts with empty rings: nothing left to resubmit.
+        self.inflight = None;
         self.status = 0;
         self.driver_features = 0;
         self.dfsel = 0;
@@ -578,9 +584,22 @@ impl State {
             }
             let base = if resume {
                 // used->idx: everything before it completed.
-                self.mem
+                let used = self
+                    .mem
                     .read_obj::<u16>(GuestAddress(q.used + 2))
-                    .map_err(|e| format!("reading the used index of queue {i}: {e}"))?
+                    .map_err(|e| format!("reading the used index of queue {i}: {e}"))?;
+                let avail = self
+                    .mem
+                    .read_obj::<u16>(GuestAddress(q.avail + 2))
+                    .unwrap_or(used);
+                let pending = avail.wrapping_sub(used);
+                if pending != 0 {
+                    log::warn!(
+                        "{}: queue {i}: resuming with {pending} request(s) not completed",
+                        self.path.display()
+                    );
+                }
+                used
             } else {
                 0
             };
@@ -595,6 +614,21 @@ impl State {
                 kick: &q.kick,
                 call: (q.vector != NO_VECTOR).then_some(&q.call),
             });
+        }
+        if backend.has_inflight() {
+            // As QEMU's vhost-user-blk: the region is taken at the first start
+            // and handed to each backend instance before its rings start.
+            if self.inflight.is_none() {
+                let nq = u16::try_from(self.queues.len()).unwrap_or(u16::MAX);
+                self.inflight = Some(
+                    backend
+                        .get_inflight(nq, MAX_QUEUE_SIZE)
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            if let Some(region) = &self.inflight {
+                backend.set_inflight(region).map_err(|e| e.to_string())?;
+            }
         }
         let acked = self.driver_features;
         backend
