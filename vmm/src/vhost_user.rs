@@ -18,6 +18,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::backend_channel::{self, Channel, ConfigChange};
 use crate::memory::GuestMemory;
 
 /// VHOST_USER_F_PROTOCOL_FEATURES (a vhost-user bit in the feature word).
@@ -43,6 +44,9 @@ pub enum Error {
     /// A ring address is outside guest memory.
     #[error("queue {0}: ring address {1:#x} is outside guest memory")]
     RingAddress(usize, u64),
+    /// The backend channel could not be set up.
+    #[error("vhost-user backend {0}: backend channel")]
+    Channel(PathBuf, #[source] backend_channel::Error),
 }
 
 /// What the backend must do for one queue.
@@ -95,6 +99,7 @@ pub struct Backend {
     protocol: VhostUserProtocolFeatures,
     queue_num: u64,
     started: Vec<usize>,
+    channel: Option<Channel>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -132,6 +137,7 @@ impl Backend {
             protocol: VhostUserProtocolFeatures::empty(),
             queue_num: 1,
             started: Vec::new(),
+            channel: None,
         };
         if features & PROTOCOL_FEATURES_BIT != 0 {
             let offered =
@@ -140,7 +146,8 @@ impl Backend {
             let want = VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+                | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+                | VhostUserProtocolFeatures::BACKEND_REQ;
             b.protocol = offered & want;
             b.fe.set_protocol_features(b.protocol)
                 .map_err(|e| req("SET_PROTOCOL_FEATURES", e))?;
@@ -172,6 +179,27 @@ impl Backend {
     /// Whether config space can be read from the backend.
     pub fn has_config(&self) -> bool {
         self.protocol.contains(VhostUserProtocolFeatures::CONFIG)
+    }
+
+    /// Opens the backend channel (SET_BACKEND_REQ_FD) when the backend
+    /// offers BACKEND_REQ: `on_config` runs on its thread whenever the backend
+    /// reports a config change. A no-op for backends without it.
+    pub fn open_backend_channel(&mut self, on_config: ConfigChange) -> Result<(), Error> {
+        if !self
+            .protocol
+            .contains(VhostUserProtocolFeatures::BACKEND_REQ)
+        {
+            return Ok(());
+        }
+        let reply_ack = self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
+        let name = self.path.display().to_string();
+        let channel = Channel::start(&name, reply_ack, on_config)
+            .map_err(|e| Error::Channel(self.path.clone(), e))?;
+        self.fe
+            .set_backend_request_fd(&channel)
+            .map_err(|e| Error::Request(self.path.clone(), "SET_BACKEND_REQ_FD", e))?;
+        self.channel = Some(channel);
+        Ok(())
     }
 
     /// Whether the backend tracks inflight I/O in a region we keep.

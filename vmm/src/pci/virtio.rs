@@ -3,14 +3,18 @@
 //! per queue (+ config). Queue kicks are ioeventfds on the notify addresses
 //! and queue interrupts irqfds on MSI routes; both eventfds go to the backend,
 //! so the VMM only sees configuration accesses. Device config reads are
-//! GET_CONFIG requests to the backend. A watcher thread reconnects to a
-//! backend that went away and replays the device state.
+//! GET_CONFIG requests to the backend; a config-change message from the
+//! backend (backend channel) bumps the config generation, sets ISR bit 1 and
+//! raises the config MSI-X vector. A watcher thread reconnects to a backend
+//! that went away and replays the device state (with the inflight region
+//! where the backend tracks inflight I/O).
 
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kvm_bindings::kvm_msi;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -18,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::config::{PciConfig, PciId};
 use super::msix::{MsixTable, NO_VECTOR};
 use super::PciDevice;
+use crate::backend_channel::ConfigChange;
 use crate::bus::lock;
 use crate::devices::legacy::ExitSignal;
 use crate::irq::{IrqRouting, MsiMessage};
@@ -54,6 +59,8 @@ const VIRTIO_NET_S_LINK_UP: u16 = 1;
 const STATUS_FEATURES_OK: u8 = 8;
 const STATUS_DRIVER_OK: u8 = 4;
 const STATUS_NEEDS_RESET: u8 = 0x40;
+/// ISR status bit: the device configuration changed.
+const ISR_CONFIG: u8 = 2;
 
 /// Device type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +121,9 @@ pub enum Error {
     /// Starting the reconnect thread.
     #[error("starting the backend watcher thread")]
     Thread(#[source] std::io::Error),
+    /// Setting up the backend.
+    #[error(transparent)]
+    Backend(#[from] crate::vhost_user::Error),
 }
 
 #[derive(Debug)]
@@ -150,6 +160,10 @@ struct State {
     gfsel: u32,
     status: u8,
     config_generation: u8,
+    /// ISR status (read to clear).
+    isr: u8,
+    /// A config change arrived while the config vector had no route.
+    config_pending: bool,
     queue_sel: u16,
     config_vector: u16,
     queues: Vec<Queue>,
@@ -286,6 +300,8 @@ impl VirtioPci {
             gfsel: 0,
             status: 0,
             config_generation: 0,
+            isr: 0,
+            config_pending: false,
             queue_sel: 0,
             config_vector: NO_VECTOR,
             queues,
@@ -294,6 +310,9 @@ impl VirtioPci {
             inflight: None,
         };
         let state = Arc::new(Mutex::new(state));
+        if let Some(b) = lock(&state).backend.as_mut() {
+            b.open_backend_channel(config_callback(&state))?;
+        }
         spawn_watcher(state.clone(), exit)?;
         Ok(VirtioPci { state, cfg })
     }
@@ -357,7 +376,14 @@ impl State {
                 let v = self.common_read(o);
                 put(data, v);
             }
-            o if (ISR_OFF..ISR_OFF + 4).contains(&o) => data.fill(0),
+            o if (ISR_OFF..ISR_OFF + 4).contains(&o) => {
+                data.fill(0);
+                if o == ISR_OFF {
+                    if let Some(b) = data.first_mut() {
+                        *b = std::mem::take(&mut self.isr);
+                    }
+                }
+            }
             o if (DEVICE_OFF..DEVICE_OFF + DEVICE_LEN).contains(&o) => {
                 // Always the whole config from offset 0, as QEMU asks for it:
                 // some backends (libvhost-user, hence qemu-storage-daemon)
@@ -537,6 +563,8 @@ impl State {
         self.gfsel = 0;
         self.queue_sel = 0;
         self.config_vector = NO_VECTOR;
+        self.isr = 0;
+        self.config_pending = false;
         for q in &mut self.queues {
             q.size = MAX_QUEUE_SIZE;
             q.vector = NO_VECTOR;
@@ -646,6 +674,37 @@ impl State {
         Ok(())
     }
 
+    /// The backend reported a config change: the next config read returns
+    /// the new contents (a GET_CONFIG); tell the driver.
+    fn config_changed(&mut self) {
+        log::info!("{}: device configuration changed", self.path.display());
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.isr |= ISR_CONFIG;
+        self.config_pending = true;
+        self.signal_config();
+    }
+
+    /// Raises the config vector's MSI if a change is pending and the vector
+    /// is routed (unmasked); otherwise it stays pending.
+    fn signal_config(&mut self) {
+        if !self.config_pending {
+            return;
+        }
+        let Some(Some(m)) = self.routes.get(usize::from(self.config_vector)).copied() else {
+            return;
+        };
+        let msi = kvm_msi {
+            address_lo: m.addr as u32,
+            address_hi: (m.addr >> 32) as u32,
+            data: m.data,
+            ..Default::default()
+        };
+        match self.vm.signal_msi(msi) {
+            Ok(_) => self.config_pending = false,
+            Err(e) => log::error!("{}: config interrupt: {e}", self.path.display()),
+        }
+    }
+
     fn update_routes(&mut self) {
         for v in 0..self.vector_gsi.len() {
             let msg = self
@@ -666,6 +725,7 @@ impl State {
                 }
             }
         }
+        self.signal_config();
     }
 
     fn maybe_move_bar(&mut self) {
@@ -686,6 +746,17 @@ impl State {
         }
         self.bar = new;
     }
+}
+
+/// The backend channel's callback for a device (weak: the channel thread
+/// must not keep the device alive).
+fn config_callback(state: &Arc<Mutex<State>>) -> ConfigChange {
+    let weak = Arc::downgrade(state);
+    Arc::new(move || {
+        if let Some(s) = weak.upgrade() {
+            lock(&s).config_changed();
+        }
+    })
 }
 
 fn poll_hangup(fd: RawFd, timeout_ms: i32) -> bool {
@@ -736,6 +807,10 @@ fn spawn_watcher(state: Arc<Mutex<State>>, exit: ExitSignal) -> Result<(), Error
                     } else {
                         0
                     };
+                    let mut b = b;
+                    if let Err(e) = b.open_backend_channel(config_callback(&state)) {
+                        log::error!("{e}");
+                    }
                     let missing = s.device_features & !b.features() & !local;
                     if missing != 0 {
                         log::error!(
