@@ -193,11 +193,11 @@ fn guest_io_survives_daemon_sigkill_and_restart_under_the_vmm() {
         let t0 = Instant::now();
         let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
         for k in 0..KILLS {
-            std::thread::sleep(Duration::from_millis(rng.gen_range(600..1200)));
+            std::thread::sleep(Duration::from_millis(rng.gen_range(500..1000)));
             if fin.load(Ordering::SeqCst) {
                 break;
             }
-            let pause = Duration::from_millis(rng.gen_range(0..400));
+            let pause = Duration::from_millis(rng.gen_range(0..300));
             daemons[k % 2].crash_and_restart(pause);
             kills.push(t0.elapsed());
         }
