@@ -30,6 +30,16 @@ pub struct VmmGuest {
 
 /// Why a VMM test cannot run here, or the guest to use.
 pub fn guest_or_skip() -> Result<VmmGuest, String> {
+    guest_or_skip_with(false)
+}
+
+/// [`guest_or_skip`] with `fio` in the guest (on a PVM host the initramfs of
+/// `OB_PVM_FIO=1 scripts/guest/build-pvm-initramfs.sh`; the Debian test guest has it).
+pub fn guest_with_fio_or_skip() -> Result<VmmGuest, String> {
+    guest_or_skip_with(true)
+}
+
+fn guest_or_skip_with(fio: bool) -> Result<VmmGuest, String> {
     if !Path::new("/dev/kvm").exists() {
         return Err("/dev/kvm is absent".into());
     }
@@ -57,6 +67,7 @@ pub fn guest_or_skip() -> Result<VmmGuest, String> {
     let o = Command::new("bash")
         .arg(&script)
         .arg(&out)
+        .env("OB_PVM_FIO", if fio { "1" } else { "0" })
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
     assert!(
@@ -67,7 +78,11 @@ pub fn guest_or_skip() -> Result<VmmGuest, String> {
     );
     Ok(VmmGuest {
         kernel,
-        initramfs: out.join("pvm-initramfs.cpio.gz"),
+        initramfs: out.join(if fio {
+            "pvm-initramfs-fio.cpio.gz"
+        } else {
+            "pvm-initramfs.cpio.gz"
+        }),
         pvm,
     })
 }
@@ -344,5 +359,157 @@ pub fn vhost_user_net_binary() -> Result<PathBuf, String> {
         Ok(p)
     } else {
         Err(format!("{} is not built", p.display()))
+    }
+}
+
+/// The disk part of the VMM's main test (issue #6), shared by the tests that boot with a
+/// disk: a 1 MiB text pattern written to `/dev/vda` at 48 MiB with O_DIRECT and read back,
+/// then an ext4 file system made in the first 32 MiB, mounted, and a file written.
+pub mod disk_check {
+    use std::fs;
+    use std::path::Path;
+    use std::process::Command;
+
+    use crate::{assert_bytes_eq, assert_qemu_check_clean, qemu_read_all};
+
+    const MIB: usize = 1 << 20;
+    /// Where the guest writes the pattern.
+    pub const PATTERN_OFF: usize = 48 * MIB;
+    const PATTERN_LINE: &str = "outboard-vmm-pattern-0123456789abcdefghijklmnopqrstuvwxyz-XYZ\n";
+
+    /// Guest script (busybox sh, `set -e` expected); prints `readback-ok` and `fs-ok`.
+    pub const SCRIPT: &str = "
+yes outboard-vmm-pattern-0123456789abcdefghijklmnopqrstuvwxyz-XYZ | head -c 1048576 >/tmp/p
+dd if=/tmp/p of=/dev/vda bs=65536 seek=768 oflag=direct conv=fsync 2>/dev/null
+dd if=/dev/vda bs=65536 skip=768 count=16 iflag=direct 2>/dev/null | cmp - /tmp/p
+echo readback-ok
+/usr/sbin/mke2fs -q -t ext4 -F /dev/vda 32M
+mount -t ext4 /dev/vda /mnt
+echo hello-from-outboard >/mnt/hello.txt
+sync
+umount /mnt
+echo fs-ok
+";
+
+    /// The pattern as the host expects it (built here, not by the guest).
+    pub fn expected_pattern() -> Vec<u8> {
+        PATTERN_LINE
+            .repeat(MIB / PATTERN_LINE.len() + 1)
+            .into_bytes()[..MIB]
+            .to_vec()
+    }
+
+    /// Host-side checks of a qcow2 image after [`SCRIPT`] ran on it, independent of the
+    /// VMM and the daemon: the pattern at 48 MiB (image converted by qemu-img), the ext4
+    /// superblock, the file read back by debugfs, and `qemu-img check` clean.
+    pub fn check_image(image: &Path, what: &str) {
+        let raw = qemu_read_all(image, "qcow2");
+        assert_bytes_eq(
+            &expected_pattern(),
+            &raw[PATTERN_OFF..PATTERN_OFF + MIB],
+            &format!("{what}: pattern at 48 MiB"),
+        );
+        assert_eq!(
+            &raw[0x438..0x43a],
+            &[0x53, 0xef],
+            "{what}: ext4 superblock magic"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rawf = dir.path().join("disk.raw");
+        fs::write(&rawf, &raw).expect("write raw copy");
+        let debugfs = |req: &str| {
+            let o = Command::new("debugfs")
+                .arg("-R")
+                .arg(req)
+                .arg(&rawf)
+                .output()
+                .expect("run debugfs (e2fsprogs)");
+            (
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        };
+        let (out, err) = debugfs("cat /hello.txt");
+        assert_eq!(
+            out, "hello-from-outboard\n",
+            "{what}: file written in the guest, read by debugfs: {err}"
+        );
+        let (feats, _) = debugfs("features");
+        assert!(
+            feats.contains("extent") && feats.contains("has_journal"),
+            "{what}: not an ext4 file system: {feats}"
+        );
+        assert_qemu_check_clean(image, what);
+    }
+}
+
+/// Two network namespaces for the VMM's NIC tests: `vm` holds the bridge `obbr0` (where
+/// the daemon attaches its tap) and one end of a veth pair whose other end, in `peer`, has
+/// 10.77.0.1/24. The guest takes 10.77.0.2/24. Both are deleted on drop.
+#[derive(Debug)]
+pub struct BridgedPeer {
+    /// Where `outboard` and the net daemon run.
+    pub vm: crate::netns::Netns,
+    /// The "host in another network".
+    pub peer: crate::netns::Netns,
+}
+
+impl BridgedPeer {
+    /// The bridge's name in `vm`.
+    pub const BRIDGE: &'static str = "obbr0";
+    /// The peer's address.
+    pub const PEER_IP: &'static str = "10.77.0.1";
+    /// The guest's address.
+    pub const GUEST_IP: &'static str = "10.77.0.2";
+
+    /// Creates and wires both namespaces.
+    pub fn new() -> Self {
+        let vm = crate::netns::Netns::new("vmm");
+        let peer = crate::netns::Netns::new("peer");
+        vm.ip(&["link", "add", Self::BRIDGE, "type", "bridge"]);
+        vm.ip(&["link", "set", Self::BRIDGE, "up"]);
+        vm.veth("vm-side", &peer, "peer-side");
+        vm.ip(&["link", "set", "vm-side", "master", Self::BRIDGE]);
+        peer.ip(&["addr", "add", "10.77.0.1/24", "dev", "peer-side"]);
+        BridgedPeer { vm, peer }
+    }
+
+    /// Guest script lines: eth0 up with [`Self::GUEST_IP`], its MAC printed.
+    pub fn guest_setup() -> String {
+        format!(
+            "ip link set eth0 up\nip addr add {}/24 dev eth0\ncat /sys/class/net/eth0/address\n",
+            Self::GUEST_IP
+        )
+    }
+
+    /// Panics unless the peer's neighbour table holds `mac` for the guest (evidence
+    /// independent of the guest's own report).
+    pub fn assert_peer_learned(&self, mac: &str) {
+        let o = self
+            .peer
+            .exec(&["ip", "neigh", "show", Self::GUEST_IP])
+            .to_lowercase();
+        assert!(
+            o.contains(mac),
+            "the peer namespace never learned the guest's MAC {mac}: {o:?}"
+        );
+    }
+
+    /// The bridge `dev` is attached to in `vm` (None: not on a bridge).
+    pub fn master_of(&self, dev: &str) -> Option<String> {
+        let o = self.vm.exec(&["ip", "-o", "link", "show", "dev", dev]);
+        let mut words = o.split_whitespace();
+        while let Some(w) = words.next() {
+            if w == "master" {
+                return words.next().map(str::to_string);
+            }
+        }
+        None
+    }
+}
+
+impl Default for BridgedPeer {
+    fn default() -> Self {
+        Self::new()
     }
 }

@@ -15,7 +15,9 @@
 //! - [`irq`]: the KVM GSI routing table (MSI routes for irqfds).
 //! - [`devices`]: serial console, ACPI power registers, i8042 reset, port 0x80.
 //! - [`pci`]: config mechanism #1, host bridge, MSI-X, the virtio-pci transport.
-//! - [`vhost_user`]: the vhost-user frontend of one device (negotiation, rings, config).
+//! - [`vhost_user`]: the vhost-user frontend of one device (negotiation, rings, config,
+//!   the inflight region kept across backend restarts).
+//! - [`backend_channel`]: the backend channel (BACKEND_REQ): config-change notifications.
 //! - [`backends`]: starting our daemons as children for `--disk path=` / `--net tap=`.
 //!
 //! PVM (`/sys/module/kvm_pvm`, a paravirtual KVM without VMX/SVM) needs no
@@ -25,6 +27,7 @@
 //! the log.
 
 pub mod acpi;
+pub mod backend_channel;
 pub mod backends;
 pub mod boot;
 pub mod bus;

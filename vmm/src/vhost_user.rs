@@ -1,18 +1,24 @@
 //! The vhost-user frontend side of one device: connect and negotiate,
 //! read/write config space (GET_CONFIG/SET_CONFIG), hand the memory table,
 //! the rings, the kick eventfds (ioeventfds) and the call eventfds (irqfds)
-//! to the backend, and stop the rings on reset. No virtio-pci knowledge.
+//! to the backend, and stop the rings on reset. Where the backend offers
+//! INFLIGHT_SHMFD, the inflight region it hands out at the first start is
+//! kept here ([`Inflight`]) and handed to every later instance of the backend
+//! before its rings start, so a restarted backend completes what a crashed one
+//! had taken. No virtio-pci knowledge.
 
+use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::backend_channel::{self, Channel, ConfigChange};
 use crate::memory::GuestMemory;
 
 /// VHOST_USER_F_PROTOCOL_FEATURES (a vhost-user bit in the feature word).
@@ -38,6 +44,9 @@ pub enum Error {
     /// A ring address is outside guest memory.
     #[error("queue {0}: ring address {1:#x} is outside guest memory")]
     RingAddress(usize, u64),
+    /// The backend channel could not be set up.
+    #[error("vhost-user backend {0}: backend channel")]
+    Channel(PathBuf, #[source] backend_channel::Error),
 }
 
 /// What the backend must do for one queue.
@@ -63,6 +72,25 @@ pub struct QueueSetup<'a> {
     pub call: Option<&'a EventFd>,
 }
 
+/// The inflight I/O tracking region of a device (vhost-user "Inflight I/O
+/// tracking"): a shared memory file the backend allocated (GET_INFLIGHT_FD)
+/// and records taken-but-unfinished requests in. The frontend only keeps it
+/// and hands it back (SET_INFLIGHT_FD) after a reconnect; it never reads it.
+pub struct Inflight {
+    file: File,
+    info: VhostUserInflight,
+}
+
+impl std::fmt::Debug for Inflight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inflight")
+            .field("mmap_size", &self.info.mmap_size)
+            .field("num_queues", &self.info.num_queues)
+            .field("queue_size", &self.info.queue_size)
+            .finish()
+    }
+}
+
 /// A connected backend.
 pub struct Backend {
     path: PathBuf,
@@ -71,6 +99,7 @@ pub struct Backend {
     protocol: VhostUserProtocolFeatures,
     queue_num: u64,
     started: Vec<usize>,
+    channel: Option<Channel>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -108,6 +137,7 @@ impl Backend {
             protocol: VhostUserProtocolFeatures::empty(),
             queue_num: 1,
             started: Vec::new(),
+            channel: None,
         };
         if features & PROTOCOL_FEATURES_BIT != 0 {
             let offered =
@@ -115,7 +145,9 @@ impl Backend {
                     .map_err(|e| req("GET_PROTOCOL_FEATURES", e))?;
             let want = VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::CONFIG
-                | VhostUserProtocolFeatures::REPLY_ACK;
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+                | VhostUserProtocolFeatures::BACKEND_REQ;
             b.protocol = offered & want;
             b.fe.set_protocol_features(b.protocol)
                 .map_err(|e| req("SET_PROTOCOL_FEATURES", e))?;
@@ -147,6 +179,58 @@ impl Backend {
     /// Whether config space can be read from the backend.
     pub fn has_config(&self) -> bool {
         self.protocol.contains(VhostUserProtocolFeatures::CONFIG)
+    }
+
+    /// Opens the backend channel (SET_BACKEND_REQ_FD) when the backend
+    /// offers BACKEND_REQ: `on_config` runs on its thread whenever the backend
+    /// reports a config change. A no-op for backends without it.
+    pub fn open_backend_channel(&mut self, on_config: ConfigChange) -> Result<(), Error> {
+        if !self
+            .protocol
+            .contains(VhostUserProtocolFeatures::BACKEND_REQ)
+        {
+            return Ok(());
+        }
+        let reply_ack = self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
+        let name = self.path.display().to_string();
+        let channel = Channel::start(&name, reply_ack, on_config)
+            .map_err(|e| Error::Channel(self.path.clone(), e))?;
+        self.fe
+            .set_backend_request_fd(&channel)
+            .map_err(|e| Error::Request(self.path.clone(), "SET_BACKEND_REQ_FD", e))?;
+        self.channel = Some(channel);
+        Ok(())
+    }
+
+    /// Whether the backend tracks inflight I/O in a region we keep.
+    pub fn has_inflight(&self) -> bool {
+        self.protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    }
+
+    /// GET_INFLIGHT_FD: a fresh region for `num_queues` queues of up to
+    /// `queue_size` descriptors.
+    pub fn get_inflight(&mut self, num_queues: u16, queue_size: u16) -> Result<Inflight, Error> {
+        let req = VhostUserInflight::new(0, 0, num_queues, queue_size);
+        let (info, file) = self
+            .fe
+            .get_inflight_fd(&req)
+            .map_err(|e| Error::Request(self.path.clone(), "GET_INFLIGHT_FD", e))?;
+        if info.mmap_size == 0 {
+            return Err(Error::Refused(
+                self.path.clone(),
+                "returned an empty inflight region".into(),
+            ));
+        }
+        Ok(Inflight { file, info })
+    }
+
+    /// SET_INFLIGHT_FD: hands `region` to this backend instance (before the
+    /// rings start, so it resubmits what the region records).
+    pub fn set_inflight(&mut self, region: &Inflight) -> Result<(), Error> {
+        self.fe
+            .set_inflight_fd(&region.info, region.file.as_raw_fd())
+            .map_err(|e| Error::Request(self.path.clone(), "SET_INFLIGHT_FD", e))
     }
 
     /// The socket fd (to watch for a hang-up).

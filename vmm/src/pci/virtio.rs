@@ -3,14 +3,18 @@
 //! per queue (+ config). Queue kicks are ioeventfds on the notify addresses
 //! and queue interrupts irqfds on MSI routes; both eventfds go to the backend,
 //! so the VMM only sees configuration accesses. Device config reads are
-//! GET_CONFIG requests to the backend. A watcher thread reconnects to a
-//! backend that went away and replays the device state.
+//! GET_CONFIG requests to the backend; a config-change message from the
+//! backend (backend channel) bumps the config generation, sets ISR bit 1 and
+//! raises the config MSI-X vector. A watcher thread reconnects to a backend
+//! that went away and replays the device state (with the inflight region
+//! where the backend tracks inflight I/O).
 
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kvm_bindings::kvm_msi;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -18,11 +22,12 @@ use vmm_sys_util::eventfd::EventFd;
 use super::config::{PciConfig, PciId};
 use super::msix::{MsixTable, NO_VECTOR};
 use super::PciDevice;
+use crate::backend_channel::ConfigChange;
 use crate::bus::lock;
 use crate::devices::legacy::ExitSignal;
 use crate::irq::{IrqRouting, MsiMessage};
 use crate::memory::GuestMemory;
-use crate::vhost_user::{Backend, QueueSetup};
+use crate::vhost_user::{Backend, Inflight, QueueSetup};
 
 const COMMON_OFF: u64 = 0x0000;
 const COMMON_LEN: u64 = 0x38;
@@ -54,6 +59,8 @@ const VIRTIO_NET_S_LINK_UP: u16 = 1;
 const STATUS_FEATURES_OK: u8 = 8;
 const STATUS_DRIVER_OK: u8 = 4;
 const STATUS_NEEDS_RESET: u8 = 0x40;
+/// ISR status bit: the device configuration changed.
+const ISR_CONFIG: u8 = 2;
 
 /// Device type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +121,9 @@ pub enum Error {
     /// Starting the reconnect thread.
     #[error("starting the backend watcher thread")]
     Thread(#[source] std::io::Error),
+    /// Setting up the backend.
+    #[error(transparent)]
+    Backend(#[from] crate::vhost_user::Error),
 }
 
 #[derive(Debug)]
@@ -150,12 +160,19 @@ struct State {
     gfsel: u32,
     status: u8,
     config_generation: u8,
+    /// ISR status (read to clear).
+    isr: u8,
+    /// A config change arrived while the config vector had no route.
+    config_pending: bool,
     queue_sel: u16,
     config_vector: u16,
     queues: Vec<Queue>,
     /// (queue, gsi) irqfds currently registered.
     irqfds: Vec<(usize, u32)>,
     activated: bool,
+    /// The backend's inflight region, kept from the first start until the
+    /// device is reset, across backend restarts.
+    inflight: Option<Inflight>,
 }
 
 /// A virtio-pci function (the PCI bus holds this handle; the watcher thread another).
@@ -283,13 +300,19 @@ impl VirtioPci {
             gfsel: 0,
             status: 0,
             config_generation: 0,
+            isr: 0,
+            config_pending: false,
             queue_sel: 0,
             config_vector: NO_VECTOR,
             queues,
             irqfds: Vec::new(),
             activated: false,
+            inflight: None,
         };
         let state = Arc::new(Mutex::new(state));
+        if let Some(b) = lock(&state).backend.as_mut() {
+            b.open_backend_channel(config_callback(&state))?;
+        }
         spawn_watcher(state.clone(), exit)?;
         Ok(VirtioPci { state, cfg })
     }
@@ -353,7 +376,14 @@ impl State {
                 let v = self.common_read(o);
                 put(data, v);
             }
-            o if (ISR_OFF..ISR_OFF + 4).contains(&o) => data.fill(0),
+            o if (ISR_OFF..ISR_OFF + 4).contains(&o) => {
+                data.fill(0);
+                if o == ISR_OFF {
+                    if let Some(b) = data.first_mut() {
+                        *b = std::mem::take(&mut self.isr);
+                    }
+                }
+            }
             o if (DEVICE_OFF..DEVICE_OFF + DEVICE_LEN).contains(&o) => {
                 // Always the whole config from offset 0, as QEMU asks for it:
                 // some backends (libvhost-user, hence qemu-storage-daemon)
@@ -525,12 +555,16 @@ impl State {
         }
         self.unregister_irqfds();
         self.activated = false;
+        // A reset driver starts with empty rings: nothing left to resubmit.
+        self.inflight = None;
         self.status = 0;
         self.driver_features = 0;
         self.dfsel = 0;
         self.gfsel = 0;
         self.queue_sel = 0;
         self.config_vector = NO_VECTOR;
+        self.isr = 0;
+        self.config_pending = false;
         for q in &mut self.queues {
             q.size = MAX_QUEUE_SIZE;
             q.vector = NO_VECTOR;
@@ -578,9 +612,22 @@ impl State {
             }
             let base = if resume {
                 // used->idx: everything before it completed.
-                self.mem
+                let used = self
+                    .mem
                     .read_obj::<u16>(GuestAddress(q.used + 2))
-                    .map_err(|e| format!("reading the used index of queue {i}: {e}"))?
+                    .map_err(|e| format!("reading the used index of queue {i}: {e}"))?;
+                let avail = self
+                    .mem
+                    .read_obj::<u16>(GuestAddress(q.avail + 2))
+                    .unwrap_or(used);
+                let pending = avail.wrapping_sub(used);
+                if pending != 0 {
+                    log::warn!(
+                        "{}: queue {i}: resuming with {pending} request(s) not completed",
+                        self.path.display()
+                    );
+                }
+                used
             } else {
                 0
             };
@@ -596,6 +643,21 @@ impl State {
                 call: (q.vector != NO_VECTOR).then_some(&q.call),
             });
         }
+        if backend.has_inflight() {
+            // As QEMU's vhost-user-blk: the region is taken at the first start
+            // and handed to each backend instance before its rings start.
+            if self.inflight.is_none() {
+                let nq = u16::try_from(self.queues.len()).unwrap_or(u16::MAX);
+                self.inflight = Some(
+                    backend
+                        .get_inflight(nq, MAX_QUEUE_SIZE)
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            if let Some(region) = &self.inflight {
+                backend.set_inflight(region).map_err(|e| e.to_string())?;
+            }
+        }
         let acked = self.driver_features;
         backend
             .activate(&self.mem, acked, &setups)
@@ -610,6 +672,37 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// The backend reported a config change: the next config read returns
+    /// the new contents (a GET_CONFIG); tell the driver.
+    fn config_changed(&mut self) {
+        log::info!("{}: device configuration changed", self.path.display());
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.isr |= ISR_CONFIG;
+        self.config_pending = true;
+        self.signal_config();
+    }
+
+    /// Raises the config vector's MSI if a change is pending and the vector
+    /// is routed (unmasked); otherwise it stays pending.
+    fn signal_config(&mut self) {
+        if !self.config_pending {
+            return;
+        }
+        let Some(Some(m)) = self.routes.get(usize::from(self.config_vector)).copied() else {
+            return;
+        };
+        let msi = kvm_msi {
+            address_lo: m.addr as u32,
+            address_hi: (m.addr >> 32) as u32,
+            data: m.data,
+            ..Default::default()
+        };
+        match self.vm.signal_msi(msi) {
+            Ok(_) => self.config_pending = false,
+            Err(e) => log::error!("{}: config interrupt: {e}", self.path.display()),
+        }
     }
 
     fn update_routes(&mut self) {
@@ -632,6 +725,7 @@ impl State {
                 }
             }
         }
+        self.signal_config();
     }
 
     fn maybe_move_bar(&mut self) {
@@ -652,6 +746,17 @@ impl State {
         }
         self.bar = new;
     }
+}
+
+/// The backend channel's callback for a device (weak: the channel thread
+/// must not keep the device alive).
+fn config_callback(state: &Arc<Mutex<State>>) -> ConfigChange {
+    let weak = Arc::downgrade(state);
+    Arc::new(move || {
+        if let Some(s) = weak.upgrade() {
+            lock(&s).config_changed();
+        }
+    })
 }
 
 fn poll_hangup(fd: RawFd, timeout_ms: i32) -> bool {
@@ -702,6 +807,10 @@ fn spawn_watcher(state: Arc<Mutex<State>>, exit: ExitSignal) -> Result<(), Error
                     } else {
                         0
                     };
+                    let mut b = b;
+                    if let Err(e) = b.open_backend_channel(config_callback(&state)) {
+                        log::error!("{e}");
+                    }
                     let missing = s.device_features & !b.features() & !local;
                     if missing != 0 {
                         log::error!(
