@@ -22,7 +22,7 @@ use crate::disk::Disk;
 use crate::inflight::{self, InflightRegion};
 use crate::stats::QueueStats;
 use crate::virtio::{config_space, device_features, ConfigParams, WRITEBACK_OFFSET};
-use crate::worker::{DeviceSettings, Worker};
+use crate::worker::{DeviceSettings, Processed, Worker};
 
 /// Shared state of the device.
 pub struct BlkDevice {
@@ -36,6 +36,8 @@ pub struct BlkDevice {
     writeback: AtomicBool,
     acked: AtomicU64,
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    /// Bumped after each memory map change (the workers watch it).
+    mem_epoch: Arc<AtomicU64>,
     frontend: Mutex<Option<Backend>>,
     /// While set, queue threads leave requests in the rings (quiesce).
     paused: AtomicBool,
@@ -65,8 +67,13 @@ impl BlkDevice {
         writeback: bool,
         settings: DeviceSettings,
     ) -> Result<BlkDevice, crate::worker::WorkerError> {
+        let mem_epoch = Arc::new(AtomicU64::new(0));
         let workers = (0..num_queues)
-            .map(|_| Worker::new(&disk, queue_size).map(Mutex::new))
+            .map(|_| {
+                let mut w = Worker::new(&disk, queue_size)?;
+                w.watch_memory(mem_epoch.clone());
+                Ok(Mutex::new(w))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let (opt_io, discard_align) = match disk.qcow2() {
             Some(q) => (q.cluster_size() as u32, q.cluster_size() as u32),
@@ -89,6 +96,7 @@ impl BlkDevice {
             writeback: AtomicBool::new(writeback),
             acked: AtomicU64::new(0),
             mem: RwLock::new(None),
+            mem_epoch,
             frontend: Mutex::new(None),
             paused: AtomicBool::new(false),
             vrings: (0..num_queues).map(|_| Mutex::new(None)).collect(),
@@ -178,12 +186,6 @@ impl BlkDevice {
         if self.paused.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let Some(atomic) = self.mem.read().unwrap_or_else(|e| e.into_inner()).clone() else {
-            return Err(io::Error::other(
-                "queue kicked before the memory table was set",
-            ));
-        };
-        let mem = atomic.memory();
         let Some(worker) = self.workers.get(index) else {
             return Err(io::Error::other(format!("no worker for queue {index}")));
         };
@@ -200,18 +202,30 @@ impl BlkDevice {
                 let _ = unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
             }
         };
-        let writeback = self.writeback.load(Ordering::Relaxed);
-        worker
-            .process(
-                &self.disk,
-                &self.settings,
-                writeback,
-                state.get_queue_mut(),
-                &*mem,
-                &self.stats[index],
-                &mut signal,
-            )
-            .map_err(io::Error::other)
+        loop {
+            // A fresh map for each pass: the worker returns when it changes.
+            let Some(atomic) = self.mem.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+                return Err(io::Error::other(
+                    "queue kicked before the memory table was set",
+                ));
+            };
+            let mem = atomic.memory();
+            let writeback = self.writeback.load(Ordering::Relaxed);
+            let done = worker
+                .process(
+                    &self.disk,
+                    &self.settings,
+                    writeback,
+                    state.get_queue_mut(),
+                    &*mem,
+                    &self.stats[index],
+                    &mut signal,
+                )
+                .map_err(io::Error::other)?;
+            if done == Processed::Idle {
+                return Ok(());
+            }
+        }
     }
 }
 
@@ -339,6 +353,7 @@ impl VhostUserBackend for BlkBackend {
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
         check_regions_fit_files(&mem.memory())?;
         *self.0.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        self.0.mem_epoch.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 

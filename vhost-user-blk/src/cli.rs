@@ -86,9 +86,11 @@ pub struct Args {
     /// Cache mode the guest starts with (it may switch it via CONFIG_WCE).
     #[arg(long, value_enum, default_value_t = CacheArg::Writeback)]
     pub cache: CacheArg,
-    /// Busy-poll the queue this many microseconds after each batch (0: off).
-    /// Lowers QD1 latency at the cost of CPU, e.g. --poll-us 50.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    /// Longest busy-poll of a queue after it runs dry, in microseconds (0: off).
+    /// The window adapts: it grows while requests keep arriving within it and
+    /// shrinks to nothing on an idle queue. Saves the kick and wake-up per
+    /// batch; e.g. --poll-us 0 to never poll.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub poll_us: u64,
     /// Control socket for stats, live snapshots and resize (JSON lines), e.g. /run/vm0-ctl.sock.
     #[arg(long, value_name = "PATH")]

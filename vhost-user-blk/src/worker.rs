@@ -14,7 +14,8 @@
 //!
 //! This module knows virtio queues and guest memory, not vhost-user.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring};
@@ -46,7 +47,7 @@ pub struct DeviceSettings {
     pub serial: Vec<u8>,
     /// Largest number of discard / write-zeroes segments per request.
     pub max_dwz_segments: u32,
-    /// Busy-poll window after each batch (0: off).
+    /// Largest adaptive busy-poll window once the queue runs dry (0: off).
     pub poll: Duration,
 }
 
@@ -80,6 +81,23 @@ pub struct Worker {
     recover: bool,
     /// Heads to resubmit before taking new ones (the next one last).
     resubmit: Vec<u16>,
+    /// The adaptive busy-poll window.
+    poll: PollWindow,
+    /// Bumped by the owner whenever the guest memory map changes.
+    mem_epoch: Option<Arc<AtomicU64>>,
+    /// `mem_epoch` as of the last [`Processed::MemoryChanged`].
+    seen_epoch: u64,
+}
+
+/// How [`Worker::process`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Processed {
+    /// The queue is empty and notifications are enabled.
+    Idle,
+    /// The guest memory map changed (see [`Worker::watch_memory`]): nothing
+    /// is in flight any more, and `process` must be called again with the
+    /// new map to serve what is left in the ring.
+    MemoryChanged,
 }
 
 impl std::fmt::Debug for Worker {
@@ -128,7 +146,7 @@ impl Worker {
     pub fn new(disk: &Disk, depth: u16) -> Result<Worker, WorkerError> {
         let entries = u32::from(depth.max(1)).next_power_of_two().min(4096);
         let ring = match disk.raw_fd() {
-            Some(_) => Some(IoUring::new(entries).map_err(WorkerError::Uring)?),
+            Some(fd) => Some(new_ring(entries, fd).map_err(WorkerError::Uring)?),
             None => None,
         };
         let slots = (0..entries).map(|_| Slot::default()).collect();
@@ -141,6 +159,9 @@ impl Worker {
             inflight: None,
             recover: false,
             resubmit: Vec::new(),
+            poll: PollWindow::default(),
+            mem_epoch: None,
+            seen_epoch: 0,
         })
     }
 
@@ -150,6 +171,32 @@ impl Worker {
         self.recover = inflight.is_some();
         self.inflight = inflight;
         self.resubmit.clear();
+    }
+
+    /// Watches `epoch`, which the owner bumps after each change of the guest
+    /// memory map: `process` then stops taking chains (they may point into
+    /// memory its map does not have yet) and returns
+    /// [`Processed::MemoryChanged`]; the owner loads the map again and calls
+    /// `process` again. Matters most while polling, when the driver may add
+    /// a region and use it before the next kick.
+    pub fn watch_memory(&mut self, epoch: Arc<AtomicU64>) {
+        self.mem_epoch = Some(epoch);
+    }
+
+    /// Whether the memory map changed since the last [`Processed::MemoryChanged`].
+    fn memory_changed(&self) -> bool {
+        self.mem_epoch
+            .as_ref()
+            .is_some_and(|e| e.load(Ordering::Acquire) != self.seen_epoch)
+    }
+
+    /// Records the current memory epoch: the caller loads the map after
+    /// this, so a later change is seen by the next pass.
+    fn memory_seen(&mut self) -> Processed {
+        if let Some(e) = &self.mem_epoch {
+            self.seen_epoch = e.load(Ordering::Acquire);
+        }
+        Processed::MemoryChanged
     }
 
     /// Number of heads waiting to be resubmitted.
@@ -196,7 +243,8 @@ impl Worker {
         Ok(())
     }
 
-    /// Processes the queue until it is empty with notifications enabled.
+    /// Processes the queue until it is empty with notifications enabled
+    /// (or the memory map changed, see [`Worker::watch_memory`]).
     /// `signal` is called whenever the driver must be told about used buffers.
     #[allow(clippy::too_many_arguments)]
     pub fn process<M: GuestMemoryBackend>(
@@ -208,20 +256,28 @@ impl Worker {
         mem: &M,
         stats: &QueueStats,
         signal: &mut dyn FnMut(),
-    ) -> Result<(), WorkerError> {
+    ) -> Result<Processed, WorkerError> {
+        if self.memory_changed() {
+            return Ok(self.memory_seen());
+        }
         if self.recover {
             self.recover(q, mem)?;
         }
+        self.poll.woken(settings.poll);
         loop {
             q.disable_notification(mem).map_err(queue_err)?;
             loop {
                 let n = self.run_pipeline(disk, settings, writeback, q, mem, stats, signal)?;
-                if n == 0 && !poll(q, mem, settings.poll)? {
+                if self.memory_changed() {
+                    return Ok(self.memory_seen());
+                }
+                if n == 0 && !self.poll_avail(q, mem)? {
                     break;
                 }
             }
             if !q.enable_notification(mem).map_err(queue_err)? {
-                return Ok(());
+                self.poll.sleeping();
+                return Ok(Processed::Idle);
             }
             // More is available: unless the driver published an available
             // index no ring can hold (we would spin on it forever).
@@ -235,9 +291,12 @@ impl Worker {
     }
 
     /// Keeps the io_uring full: takes available chains while slots are free,
-    /// completes requests as their completions arrive (notifying the driver
-    /// after each wave), until nothing is available or in flight. Returns
-    /// the number of chains completed.
+    /// in waves of up to [`WAVE`] requests; after each wave submits it and
+    /// completes whatever has finished (notifying the driver), so the driver
+    /// reaps and refills one wave while the next is executed. Waits for a
+    /// completion only when nothing is available or no slot is free. Runs
+    /// until nothing is available or in flight; returns the number of chains
+    /// completed.
     #[allow(clippy::too_many_arguments)]
     fn run_pipeline<M: GuestMemoryBackend>(
         &mut self,
@@ -252,13 +311,23 @@ impl Worker {
         let mut completed = 0usize;
         let mut unsignalled = 0usize;
         loop {
-            while let Some(&slot) = self.free.last() {
+            let mut taken = 0usize;
+            let mut drained = false;
+            while taken < WAVE {
+                let Some(&slot) = self.free.last() else {
+                    break;
+                };
+                if self.memory_changed() {
+                    drained = true;
+                    break;
+                }
                 let (head, parsed) = if let Some(head) = self.resubmit.pop() {
                     let table = GuestAddress(q.desc_table());
                     let chain = ChainWalker::new(mem, table, q.size(), head);
                     (head, parse(mem, chain, &mut self.segs))
                 } else {
                     let Some(chain) = q.pop_descriptor_chain(mem) else {
+                        drained = true;
                         break;
                     };
                     let head = chain.head_index();
@@ -267,6 +336,7 @@ impl Worker {
                     }
                     (head, parse(mem, chain, &mut self.segs))
                 };
+                taken += 1;
                 let done = match parsed {
                     Ok(req) => self
                         .start(disk, settings, writeback, mem, head, &req, slot, stats)
@@ -294,12 +364,14 @@ impl Worker {
                     }
                 }
             }
-            if self.free.len() == self.slots.len() {
+            let idle = drained || taken == 0;
+            if self.free.len() < self.slots.len() {
+                let n = self.reap(mem, q, stats, idle || self.free.is_empty())?;
+                completed += n;
+                unsignalled += n;
+            } else if idle {
                 break;
             }
-            let n = self.reap_some(mem, q, stats)?;
-            completed += n;
-            unsignalled += n;
             if unsignalled > 0 && q.needs_notification(mem).map_err(queue_err)? {
                 signal();
                 unsignalled = 0;
@@ -346,13 +418,13 @@ impl Worker {
                     return Some(Done::ok(used_len));
                 }
                 if self.ring.is_some() {
-                    return self.queue_rw(disk, writeback, mem, head, req, off, slot, used_len);
+                    return self.queue_rw(writeback, mem, head, req, off, slot, used_len);
                 }
                 Some(self.rw_sync(disk, writeback, mem, req, off, used_len, stats))
             }
             RequestType::Flush => {
-                if let (Some(ring), Some(fd)) = (self.ring.as_mut(), disk.raw_fd()) {
-                    let sqe = opcode::Fsync::new(types::Fd(fd))
+                if let Some(ring) = self.ring.as_mut() {
+                    let sqe = opcode::Fsync::new(DISK)
                         .flags(types::FsyncFlags::DATASYNC)
                         .build()
                         .flags(squeue::Flags::IO_DRAIN)
@@ -395,7 +467,6 @@ impl Worker {
     #[allow(clippy::too_many_arguments)]
     fn queue_rw<M: GuestMemoryBackend>(
         &mut self,
-        disk: &Disk,
         writeback: bool,
         mem: &M,
         head: u16,
@@ -404,7 +475,7 @@ impl Worker {
         slot: usize,
         used_len: u32,
     ) -> Option<Done> {
-        let (ring, fd) = (self.ring.as_mut()?, disk.raw_fd()?);
+        let ring = self.ring.as_mut()?;
         let s = &mut self.slots[slot];
         s.iov.clear();
         for &(addr, len) in &self.segs.data {
@@ -422,16 +493,23 @@ impl Worker {
         s.expected = req.len;
         s.kind = Some(req.ty);
         let (ptr, n) = (s.iov.as_ptr(), s.iov.len() as u32);
-        let sqe = if req.ty == RequestType::In {
-            opcode::Readv::new(types::Fd(fd), ptr, n)
-                .offset(off)
-                .build()
-        } else {
-            let flags = if writeback { 0 } else { libc::RWF_DSYNC };
-            opcode::Writev::new(types::Fd(fd), ptr, n)
+        let flags = if writeback { 0 } else { libc::RWF_DSYNC };
+        // One segment (the usual case): plain read/write, no iovec import.
+        let sqe = match (req.ty, s.iov.as_slice()) {
+            (RequestType::In, [one]) => {
+                opcode::Read::new(DISK, one.iov_base.cast(), one.iov_len as u32)
+                    .offset(off)
+                    .build()
+            }
+            (RequestType::In, _) => opcode::Readv::new(DISK, ptr, n).offset(off).build(),
+            (_, [one]) => opcode::Write::new(DISK, one.iov_base.cast(), one.iov_len as u32)
                 .offset(off)
                 .rw_flags(flags)
-                .build()
+                .build(),
+            _ => opcode::Writev::new(DISK, ptr, n)
+                .offset(off)
+                .rw_flags(flags)
+                .build(),
         };
         // SAFETY: the iovec array lives in `self.slots[slot]`, which is not
         // touched again until the completion is reaped in this batch, and the
@@ -442,22 +520,26 @@ impl Worker {
         }
     }
 
-    /// Submits what is queued, waits for at least one completion, and
-    /// completes everything that has finished; returns how many.
-    fn reap_some<M: GuestMemoryBackend>(
+    /// Submits what is queued and completes everything that has finished;
+    /// with `wait`, first waits for at least one completion. Returns how
+    /// many requests completed.
+    fn reap<M: GuestMemoryBackend>(
         &mut self,
         mem: &M,
         q: &mut Queue,
         stats: &QueueStats,
+        wait: bool,
     ) -> Result<usize, WorkerError> {
         let Some(ring) = self.ring.as_mut() else {
             return Ok(0);
         };
-        loop {
-            match ring.submit_and_wait(1) {
-                Ok(_) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => return Err(WorkerError::Uring(e)),
+        if wait || !ring.submission().is_empty() {
+            loop {
+                match ring.submit_and_wait(usize::from(wait)) {
+                    Ok(_) => break,
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) => return Err(WorkerError::Uring(e)),
+                }
             }
         }
         let mut done = 0usize;
@@ -572,6 +654,26 @@ impl Worker {
     }
 }
 
+/// Requests taken from the ring per wave before the wave is submitted and
+/// its completions are returned (see `run_pipeline`).
+const WAVE: usize = 8;
+
+/// The disk's file in the ring's registered file table.
+const DISK: types::Fixed = types::Fixed(0);
+
+/// An io_uring for one queue with the disk `fd` registered (no file
+/// reference counting per request). Completions of page-cache I/O are posted
+/// inline; COOP_TASKRUN spares the interrupt for the others since this thread
+/// enters the ring for every wave anyway.
+fn new_ring(entries: u32, fd: libc::c_int) -> std::io::Result<IoUring> {
+    let ring = IoUring::builder()
+        .setup_coop_taskrun()
+        .build(entries)
+        .or_else(|_| IoUring::new(entries))?;
+    ring.submitter().register_files(&[fd])?;
+    Ok(ring)
+}
+
 /// Byte offset of an In/Out request if it is sector-aligned and in range.
 fn data_range(disk: &Disk, req: &Request) -> Option<u64> {
     if !req.len.is_multiple_of(SECTOR_SIZE) {
@@ -646,18 +748,110 @@ fn finish<M: GuestMemoryBackend>(
     add_used(mem, q, head, done.used_len, inflight)
 }
 
-/// Spins up to `window` waiting for new available buffers.
-fn poll<M: GuestMemoryBackend>(q: &Queue, mem: &M, window: Duration) -> Result<bool, WorkerError> {
-    if window.is_zero() {
-        return Ok(false);
+/// Shortest poll window worth spinning for.
+const MIN_POLL: Duration = Duration::from_micros(2);
+
+/// The busy-poll window after the queue runs dry, adapted like QEMU's
+/// aio-poll: when the queue is woken by a kick sooner than the largest
+/// window (`--poll-us`), polling that long would have caught the request
+/// without the kick and the wake-up, so the window grows; when it slept
+/// longer, polling would have been wasted and the window shrinks. An idle
+/// queue thus stops spinning, a busy one spins just long enough.
+#[derive(Debug, Default)]
+struct PollWindow {
+    window: Duration,
+    asleep_since: Option<Instant>,
+}
+
+impl PollWindow {
+    /// The queue is about to wait for a kick.
+    fn sleeping(&mut self) {
+        self.asleep_since = Some(Instant::now());
     }
-    let deadline = Instant::now() + window;
-    while Instant::now() < deadline {
-        let avail = q.avail_idx(mem, Ordering::Acquire).map_err(queue_err)?;
-        if avail.0 != q.next_avail() {
-            return Ok(true);
+
+    /// The queue was woken; `max` is the largest window (zero: no polling).
+    fn woken(&mut self, max: Duration) {
+        if let Some(since) = self.asleep_since.take() {
+            self.adapt(since.elapsed(), max);
         }
-        std::hint::spin_loop();
     }
-    Ok(false)
+
+    /// Adapts the window to a sleep of `slept`.
+    fn adapt(&mut self, slept: Duration, max: Duration) {
+        if max.is_zero() {
+            self.window = Duration::ZERO;
+            return;
+        }
+        if slept >= max {
+            self.window /= 2;
+            if self.window < MIN_POLL {
+                self.window = Duration::ZERO;
+            }
+        } else if slept > self.window {
+            self.window = (self.window * 2).max(MIN_POLL).min(max);
+        }
+    }
+}
+
+impl Worker {
+    /// Polls the available ring for up to the current poll window; `true`
+    /// when a new chain arrived (and the memory map did not change).
+    fn poll_avail<M: GuestMemoryBackend>(&self, q: &Queue, mem: &M) -> Result<bool, WorkerError> {
+        let window = self.poll.window;
+        if window.is_zero() {
+            return Ok(false);
+        }
+        let deadline = Instant::now() + window;
+        while Instant::now() < deadline && !self.memory_changed() {
+            let avail = q.avail_idx(mem, Ordering::Acquire).map_err(queue_err)?;
+            if avail.0 != q.next_avail() {
+                return Ok(true);
+            }
+            // Yield rather than spin: when the driver runs on this CPU, it
+            // gets to publish its next request at once (and anything else
+            // runnable here gets the CPU); otherwise this returns at once.
+            std::thread::yield_now();
+        }
+        Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: Duration = Duration::from_micros(50);
+
+    #[test]
+    fn poll_window_grows_on_short_sleeps_and_shrinks_to_zero_when_idle() {
+        let mut p = PollWindow::default();
+        assert_eq!(p.window, Duration::ZERO);
+        // Kicked 10 us after going to sleep, again and again: the window
+        // grows past 10 us (polling would have caught it) up to the cap.
+        let short = Duration::from_micros(10);
+        let mut steps = 0;
+        while p.window <= short {
+            p.adapt(short, MAX);
+            steps += 1;
+            assert!(steps < 10, "window stuck at {:?}", p.window);
+        }
+        assert!(p.window <= MAX);
+        // A sleep shorter than the window (the poll itself failed just
+        // before) does not grow it further.
+        let w = p.window;
+        p.adapt(w / 2, MAX);
+        assert_eq!(p.window, w);
+        // Long sleeps: the window halves down to nothing.
+        for _ in 0..10 {
+            p.adapt(Duration::from_millis(5), MAX);
+        }
+        assert_eq!(p.window, Duration::ZERO);
+        // Growth never exceeds the cap; a zero cap switches polling off.
+        for _ in 0..20 {
+            p.adapt(Duration::from_micros(49), MAX);
+        }
+        assert_eq!(p.window, MAX);
+        p.adapt(short, Duration::ZERO);
+        assert_eq!(p.window, Duration::ZERO);
+    }
 }

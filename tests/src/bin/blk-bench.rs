@@ -39,7 +39,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use outboard_tests::blkio_client::{
-    qsd_available, BlkClient, BlkQueue, ClientOptions, Daemon, DaemonConfig, Done, Format,
+    ours_command, qsd_available, BlkClient, BlkQueue, ClientOptions, Daemon, DaemonConfig, Done,
+    Format,
 };
 
 const BS: usize = 4096;
@@ -53,13 +54,21 @@ struct Args {
     warmup: f64,
     iodepths: Vec<usize>,
     skip_ours: bool,
+    backends: Vec<String>,
+    workloads: Vec<Workload>,
+    ours_args: Vec<String>,
+    ours_b_args: Vec<String>,
     size: u64,
     direct: bool,
     keep: bool,
+    reuse: bool,
+    rounds: usize,
+    pin: Option<(usize, usize)>,
 }
 
 const USAGE: &str = "usage: blk-bench --file PATH [--formats raw,qcow2] [--daemon BIN] [--secs S] \
-[--warmup-secs S] [--iodepths 1,32] [--size-mib M] [--direct] [--skip-ours] [--keep]
+[--warmup-secs S] [--iodepths 1,32] [--size-mib M] [--direct] [--skip-ours] [--keep] [--reuse] [--rounds N] [--pin C,D]
+       [--backends native,qsd,ours] [--workloads randread,randwrite] [--ours-arg ARG]...
 
   --file PATH        scratch image path; PATH.raw and PATH.qcow2 are created
   --formats LIST     image formats to run (default raw,qcow2)
@@ -70,7 +79,17 @@ const USAGE: &str = "usage: blk-bench --file PATH [--formats raw,qcow2] [--daemo
   --size-mib M       image size (default 1024)
   --direct           O_DIRECT on every side instead of the page cache
   --skip-ours        do not run our daemon
-  --keep             keep the images";
+  --backends LIST    backends to run (default native,qsd,ours)
+  --workloads LIST   workloads to run (default randread,randwrite)
+  --ours-arg ARG     extra argument for our daemon (repeat), e.g. --ours-arg --poll-us=50
+  --ours-b-arg ARG   extra argument for backend `ours-b`: our daemon again, for A/B runs
+                     (--backends qsd,ours,ours-b --ours-b-arg --poll-us=50)
+  --keep             keep the images
+  --pin C,D          run the client on CPU C and every daemon thread on CPU D (the native
+                     baseline then runs on C only)
+  --rounds N         run every backend N times, interleaved (native, qsd, ours, native, ...);
+                     the table shows medians, ratios are medians of same-round ratios
+  --reuse            keep, and reuse a PATH.raw of the right size from an earlier --keep run";
 
 fn die(msg: &str) -> ! {
     eprintln!("blk-bench: {msg}\n{USAGE}");
@@ -86,9 +105,16 @@ fn parse_args() -> Args {
         warmup: 1.0,
         iodepths: vec![1, 32],
         skip_ours: false,
+        backends: vec!["native".into(), "qsd".into(), "ours".into()],
+        workloads: vec![Workload::RandRead, Workload::RandWrite],
+        ours_args: Vec::new(),
+        ours_b_args: Vec::new(),
         size: 1 << 30,
         direct: false,
         keep: false,
+        reuse: false,
+        rounds: 1,
+        pin: None,
     };
     let mut file = None;
     let mut it = std::env::args().skip(1);
@@ -129,7 +155,43 @@ fn parse_args() -> Args {
             }
             "--direct" => a.direct = true,
             "--skip-ours" => a.skip_ours = true,
+            "--backends" => {
+                a.backends = val("--backends")
+                    .split(',')
+                    .map(|b| match b {
+                        "native" | "qsd" | "ours" | "ours-b" => b.to_string(),
+                        _ => die(&format!("bad backend {b}")),
+                    })
+                    .collect()
+            }
+            "--workloads" => {
+                a.workloads = val("--workloads")
+                    .split(',')
+                    .map(|w| match w {
+                        "randread" => Workload::RandRead,
+                        "randwrite" => Workload::RandWrite,
+                        _ => die(&format!("bad workload {w}")),
+                    })
+                    .collect()
+            }
+            "--ours-arg" => a.ours_args.push(val("--ours-arg")),
+            "--ours-b-arg" => a.ours_b_args.push(val("--ours-b-arg")),
             "--keep" => a.keep = true,
+            "--reuse" => a.reuse = true,
+            "--pin" => {
+                let v = val("--pin");
+                let cpus: Vec<usize> = v.split(',').filter_map(|c| c.parse().ok()).collect();
+                match cpus[..] {
+                    [c, d] if c < 1024 && d < 1024 => a.pin = Some((c, d)),
+                    _ => die("bad --pin (CLIENT_CPU,DAEMON_CPU)"),
+                }
+            }
+            "--rounds" => {
+                a.rounds = match val("--rounds").parse::<usize>() {
+                    Ok(n) if (1..=100).contains(&n) => n,
+                    _ => die("bad --rounds"),
+                }
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -417,6 +479,7 @@ fn prepare_qcow2(path: &Path, size: u64) -> Result<String, String> {
 
 #[derive(Debug, Clone)]
 struct Row {
+    round: usize,
     backend: &'static str,
     format: Format,
     wl: Workload,
@@ -439,6 +502,7 @@ fn client_opts(args: &Args) -> ClientOptions {
 /// Runs every workload and depth on `client`, appending rows.
 fn run_all(
     args: &Args,
+    round: usize,
     backend: &'static str,
     format: Format,
     client: &mut BlkClient,
@@ -446,7 +510,7 @@ fn run_all(
     notes: &mut Vec<String>,
 ) {
     let mut hist = Histogram::new();
-    for wl in [Workload::RandRead, Workload::RandWrite] {
+    for &wl in &args.workloads {
         for &qd in &args.iodepths {
             eprint!("  {backend:<8} {format:<5} {:<9} QD{qd:<3} ... ", wl.name());
             let _ = std::io::stderr().flush();
@@ -464,6 +528,7 @@ fn run_all(
                         stats.iops, stats.p50_us, stats.p99_us
                     );
                     rows.push(Row {
+                        round,
                         backend,
                         format,
                         wl,
@@ -481,8 +546,36 @@ fn run_all(
     }
 }
 
+/// Restricts thread or process `tid` (0: the calling thread) to `cpu`.
+fn pin_to(tid: libc::pid_t, cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays in
+    // bounds for cpu < 1024 (checked when parsing --pin).
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Pins every thread of process `pid` to `cpu` (threads it starts later
+/// inherit the affinity of their creator).
+fn pin_process(pid: u32, cpu: usize) -> std::io::Result<()> {
+    for t in fs::read_dir(format!("/proc/{pid}/task"))? {
+        if let Some(tid) = t?.file_name().to_str().and_then(|s| s.parse().ok()) {
+            pin_to(tid, cpu)?;
+        }
+    }
+    Ok(())
+}
+
 fn run_daemon(
     args: &Args,
+    round: usize,
     backend: &'static str,
     cfg: &DaemonConfig,
     rows: &mut Vec<Row>,
@@ -490,7 +583,15 @@ fn run_daemon(
 ) {
     let started = match backend {
         "qsd" => Daemon::qsd(cfg),
-        _ => Daemon::ours(&args.daemon, cfg),
+        _ => {
+            let mut c = ours_command(&args.daemon, cfg);
+            c.args(if backend == "ours-b" {
+                &args.ours_b_args
+            } else {
+                &args.ours_args
+            });
+            Daemon::spawn("vhost-user-blk", c, &cfg.socket, Duration::from_secs(10))
+        }
     };
     let mut daemon = match started {
         Ok(d) => d,
@@ -499,9 +600,14 @@ fn run_daemon(
             return;
         }
     };
+    if let (Some((_, cpu)), Some(pid)) = (args.pin, daemon.pid()) {
+        if let Err(e) = pin_process(pid, cpu) {
+            notes.push(format!("{backend}: cannot pin to CPU {cpu}: {e}"));
+        }
+    }
     match daemon.connect(&client_opts(args)) {
         Ok(mut client) => {
-            run_all(args, backend, cfg.format, &mut client, rows, notes);
+            run_all(args, round, backend, cfg.format, &mut client, rows, notes);
         }
         Err(e) => notes.push(format!(
             "{backend} {}: cannot connect: {e}\n{}",
@@ -516,38 +622,97 @@ fn run_daemon(
     }
 }
 
-fn ratio(v: f64, base: Option<f64>) -> String {
-    match base {
-        Some(b) if b > 0.0 => format!("{:.2}", v / b),
-        _ => "-".into(),
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
     }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
 }
 
 fn print_table(rows: &[Row]) {
-    let find = |backend: &str, format: Format, wl: Workload, qd: usize| {
+    let same = |a: &Row, b: &Row| {
+        a.backend == b.backend && a.format == b.format && a.wl == b.wl && a.qd == b.qd
+    };
+    let find = |round: usize, backend: &str, format: Format, wl: Workload, qd: usize| {
         rows.iter()
-            .find(|r| r.backend == backend && r.format == format && r.wl == wl && r.qd == qd)
+            .find(|r| {
+                r.round == round
+                    && r.backend == backend
+                    && r.format == format
+                    && r.wl == wl
+                    && r.qd == qd
+            })
             .map(|r| r.stats.iops)
     };
+    // Same-round ratios against `base`, and their median.
+    let ratios = |r: &Row, base: &str, format: Format| {
+        let v: Vec<f64> = rows
+            .iter()
+            .filter(|x| same(x, r))
+            .filter_map(|x| {
+                let b = find(x.round, base, format, x.wl, x.qd)?;
+                (b > 0.0).then(|| x.stats.iops / b)
+            })
+            .collect();
+        let m = median(v.clone());
+        (v, m)
+    };
+    let fmt = |m: Option<f64>| m.map_or("-".to_string(), |m| format!("{m:.2}"));
+    let rounds = rows.iter().map(|r| r.round).max().map_or(0, |m| m + 1);
     println!(
         "{:<8} {:<6} {:<9} {:>4} {:>10} {:>9} {:>9} {:>7} {:>9}",
         "backend", "format", "workload", "QD", "IOPS", "p50 us", "p99 us", "vs qsd", "vs native"
     );
-    for r in rows {
-        let qsd = find("qsd", r.format, r.wl, r.qd);
-        let native = find("native", Format::Raw, r.wl, r.qd);
+    let mut per_round = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        if rows[..i].iter().any(|x| same(x, r)) {
+            continue;
+        }
+        let all: Vec<&Row> = rows.iter().filter(|x| same(x, r)).collect();
+        let med = |f: fn(&Stats) -> f64| median(all.iter().map(|x| f(&x.stats)).collect());
+        let (vq, mq) = ratios(r, "qsd", r.format);
+        let (vn, mn) = ratios(r, "native", Format::Raw);
         println!(
             "{:<8} {:<6} {:<9} {:>4} {:>10.0} {:>9.1} {:>9.1} {:>7} {:>9}",
             r.backend,
             r.format.as_str(),
             r.wl.name(),
             r.qd,
-            r.stats.iops,
-            r.stats.p50_us,
-            r.stats.p99_us,
-            ratio(r.stats.iops, qsd),
-            ratio(r.stats.iops, native),
+            med(|s| s.iops).unwrap_or(0.0),
+            med(|s| s.p50_us).unwrap_or(0.0),
+            med(|s| s.p99_us).unwrap_or(0.0),
+            fmt(mq),
+            fmt(mn),
         );
+        if rounds > 1 && r.backend.starts_with("ours") {
+            let list = |v: &[f64]| {
+                v.iter()
+                    .map(|x| format!("{x:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            per_round.push(format!(
+                "{} {} {} QD{}: vs qsd [{}], vs native [{}]",
+                r.backend,
+                r.format.as_str(),
+                r.wl.name(),
+                r.qd,
+                list(&vq),
+                list(&vn)
+            ));
+        }
+    }
+    if rounds > 1 {
+        println!("({rounds} rounds: medians; ratios are medians of same-round ratios)");
+        for l in per_round {
+            println!("{l}");
+        }
     }
 }
 
@@ -557,11 +722,17 @@ fn main() {
     let mut rows = Vec::new();
     let mut notes = Vec::new();
 
-    let qsd = qsd_available();
+    let run_native = args.backends.iter().any(|b| b == "native");
+    let qsd = if args.backends.iter().any(|b| b == "qsd") {
+        qsd_available()
+    } else {
+        Err("not in --backends".into())
+    };
     if let Err(e) = &qsd {
         notes.push(format!("qsd skipped: {e}"));
     }
-    let ours = if args.skip_ours {
+    let ours_b = args.daemon.is_file() && args.backends.iter().any(|b| b == "ours-b");
+    let ours = if args.skip_ours || !args.backends.iter().any(|b| b == "ours") {
         notes.push("ours skipped: --skip-ours".into());
         false
     } else if !args.daemon.is_file() {
@@ -581,15 +752,18 @@ fn main() {
         raw.display(),
         args.size >> 20
     );
-    if let Err(e) = prepare_raw(&raw, args.size) {
-        die(&e);
+    let reusable = args.reuse && fs::metadata(&raw).is_ok_and(|m| m.len() == args.size);
+    if !reusable {
+        if let Err(e) = prepare_raw(&raw, args.size) {
+            die(&e);
+        }
     }
-    eprintln!("native io_uring on {}", raw.display());
-    match BlkClient::open_io_uring(&raw, &client_opts(&args)) {
-        Ok(mut c) => run_all(&args, "native", Format::Raw, &mut c, &mut rows, &mut notes),
-        Err(e) => notes.push(format!("native: cannot open {}: {e}", raw.display())),
+    if let Some((cpu, _)) = args.pin {
+        if let Err(e) = pin_to(0, cpu) {
+            die(&format!("cannot pin the client to CPU {cpu}: {e}"));
+        }
     }
-
+    let mut daemons = Vec::new();
     for &format in &args.formats {
         let image = image_path(&args.file, format);
         if format == Format::Qcow2 {
@@ -602,31 +776,58 @@ fn main() {
                 }
             }
         }
-        let cfg = DaemonConfig {
+        daemons.push(DaemonConfig {
             image: image.clone(),
             format,
             socket: sockdir.path().join(format!("{format}.sock")),
             num_queues: 1,
             direct: args.direct,
-        };
-        if qsd.is_ok() {
-            eprintln!("qemu-storage-daemon on {}", image.display());
-            run_daemon(&args, "qsd", &cfg, &mut rows, &mut notes);
+        });
+    }
+
+    for round in 0..args.rounds {
+        if args.rounds > 1 {
+            eprintln!("round {}/{}", round + 1, args.rounds);
         }
-        if ours {
-            eprintln!("{} on {}", args.daemon.display(), image.display());
-            run_daemon(&args, "ours", &cfg, &mut rows, &mut notes);
+        if run_native {
+            eprintln!("native io_uring on {}", raw.display());
+            match BlkClient::open_io_uring(&raw, &client_opts(&args)) {
+                Ok(mut c) => run_all(
+                    &args,
+                    round,
+                    "native",
+                    Format::Raw,
+                    &mut c,
+                    &mut rows,
+                    &mut notes,
+                ),
+                Err(e) => notes.push(format!("native: cannot open {}: {e}", raw.display())),
+            }
+        }
+        for cfg in &daemons {
+            if qsd.is_ok() {
+                eprintln!("qemu-storage-daemon on {}", cfg.image.display());
+                run_daemon(&args, round, "qsd", cfg, &mut rows, &mut notes);
+            }
+            if ours {
+                eprintln!("{} on {}", args.daemon.display(), cfg.image.display());
+                run_daemon(&args, round, "ours", cfg, &mut rows, &mut notes);
+            }
+            if ours_b {
+                eprintln!("{} (b) on {}", args.daemon.display(), cfg.image.display());
+                run_daemon(&args, round, "ours-b", cfg, &mut rows, &mut notes);
+            }
         }
     }
 
-    if !args.keep {
+    if !args.keep && !args.reuse {
         for f in [Format::Raw, Format::Qcow2] {
             let _ = fs::remove_file(image_path(&args.file, f));
         }
     }
 
     println!(
-        "\nblk-bench: 4 KiB random I/O, 1 queue, {} s per run after {} s warm-up, {} MiB image, {}",
+        "\nblk-bench: 4 KiB random I/O, 1 queue, {} s per run after {} s warm-up, {} MiB image, {}, {} round(s)",
         args.secs,
         args.warmup,
         args.size >> 20,
@@ -634,7 +835,8 @@ fn main() {
             "O_DIRECT"
         } else {
             "page cache"
-        }
+        },
+        args.rounds
     );
     print_table(&rows);
     println!("(native = io_uring on the raw file; qcow2 rows are compared with it too)");
