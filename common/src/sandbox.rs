@@ -160,6 +160,16 @@ fn ioctl_rules(requests: &[u64]) -> Result<Vec<SeccompRule>, SandboxError> {
 /// only for [`IOCTLS`], anything else gets `mode`'s action. `None` for
 /// [`SeccompMode::Off`].
 pub fn build(mode: SeccompMode, extra: &[i64]) -> Result<Option<BpfProgram>, SandboxError> {
+    build_with_ioctls(mode, extra, &[])
+}
+
+/// [`build`] that also allows the `ioctl` requests `ioctls` (a daemon's own
+/// device requests, e.g. the tap's TUNSETOFFLOAD).
+pub fn build_with_ioctls(
+    mode: SeccompMode,
+    extra: &[i64],
+    ioctls: &[u64],
+) -> Result<Option<BpfProgram>, SandboxError> {
     let mismatch = match mode {
         SeccompMode::Off => return Ok(None),
         SeccompMode::Errno => SeccompAction::Errno(libc::EPERM as u32),
@@ -171,7 +181,8 @@ pub fn build(mode: SeccompMode, extra: &[i64]) -> Result<Option<BpfProgram>, San
         .chain(extra)
         .map(|&nr| (nr, Vec::new()))
         .collect();
-    rules.insert(libc::SYS_ioctl, ioctl_rules(IOCTLS)?);
+    let requests: Vec<u64> = IOCTLS.iter().chain(ioctls).copied().collect();
+    rules.insert(libc::SYS_ioctl, ioctl_rules(&requests)?);
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|_| SandboxError::Arch)?;
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)
         .map_err(SandboxError::Build)?;
@@ -184,6 +195,18 @@ pub fn build(mode: SeccompMode, extra: &[i64]) -> Result<Option<BpfProgram>, San
 /// Installs the filter on every thread of the process (no-op for `Off`).
 pub fn apply(mode: SeccompMode, extra: &[i64]) -> Result<(), SandboxError> {
     if let Some(prog) = build(mode, extra)? {
+        seccompiler::apply_filter_all_threads(&prog).map_err(SandboxError::Install)?;
+    }
+    Ok(())
+}
+
+/// [`apply`] with the extra `ioctl` requests of [`build_with_ioctls`].
+pub fn apply_with_ioctls(
+    mode: SeccompMode,
+    extra: &[i64],
+    ioctls: &[u64],
+) -> Result<(), SandboxError> {
+    if let Some(prog) = build_with_ioctls(mode, extra, ioctls)? {
         seccompiler::apply_filter_all_threads(&prog).map_err(SandboxError::Install)?;
     }
     Ok(())

@@ -35,10 +35,26 @@ impl NetDaemon {
             .prefix("ob-net-")
             .tempdir()
             .expect("tempdir");
+        // With --user, the sockets' directory belongs to that user, as a
+        // deployment would arrange (the daemon removes its socket at exit).
+        if let Some(user) = args
+            .iter()
+            .position(|a| *a == "--user")
+            .and_then(|i| args.get(i + 1))
+        {
+            chown_to(dir.path(), user);
+        }
         let socket = dir.path().join("net.sock");
         let control = dir.path().join("ctl.sock");
         let log = dir.path().join("daemon.log");
         let mut cmd = ns.command(bin.to_str().expect("utf-8 path"));
+        // OB_NET_SECCOMP=log runs every test daemon with that filter mode
+        // (to list the system calls it makes: the kernel logs them).
+        if let Ok(mode) = std::env::var("OB_NET_SECCOMP") {
+            if !args.contains(&"--seccomp") {
+                cmd.args(["--seccomp", &mode]);
+            }
+        }
         cmd.arg("--socket-path")
             .arg(&socket)
             .arg("--control-socket")
@@ -83,6 +99,19 @@ impl NetDaemon {
         self.child.wait().expect("wait for the daemon")
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Field `key` (e.g. `"Seccomp:"`) of `/proc/PID/status`, trimmed.
+    pub fn status_field(&self, key: &str) -> Option<String> {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        s.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim().to_string())
+    }
+
     /// Whether it is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -124,6 +153,19 @@ impl Drop for NetDaemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Gives `path` to `user` (and its primary group).
+fn chown_to(path: &Path, user: &str) {
+    let name = std::ffi::CString::new(user).expect("user name");
+    // SAFETY: getpwnam returns NULL or a pointer to static storage that we
+    // read at once, before any other getpw* call.
+    let (uid, gid) = unsafe {
+        let pw = libc::getpwnam(name.as_ptr());
+        assert!(!pw.is_null(), "no user {user}");
+        ((*pw).pw_uid, (*pw).pw_gid)
+    };
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown the socket directory");
 }
 
 /// One request on a JSON-lines control socket.

@@ -8,6 +8,12 @@
 //! - txonly (a second testpmd on the same daemon, which listened again):
 //!   testpmd floods 64-byte UDP frames at B; the kernel socket in B must
 //!   receive them and the counters must agree.
+//!
+//! The daemon runs as it would in production: seccomp filter on (in `kill`
+//! mode here, so a system call missing from the list fails the test),
+//! `--user nobody` with no capability left and `--socket-mode 0660`.
+//! Queue pair 1 is attached to the tap (TUNSETQUEUE) only when testpmd
+//! starts it, i.e. by the unprivileged, filtered daemon.
 
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
@@ -46,10 +52,50 @@ fn setup() -> Setup {
             "--create-bridge",
             "--queue-pairs",
             "2",
+            "--seccomp",
+            "kill",
+            "--user",
+            "nobody",
+            "--socket-mode",
+            "0660",
         ],
     );
     a.ip(&["link", "set", "va", "master", "obbr0"]);
+    sandboxed(&daemon);
     Setup { daemon, b, _a: a }
+}
+
+/// The daemon dropped root and every capability, has the filter on and
+/// set its socket's mode.
+fn sandboxed(d: &NetDaemon) {
+    use std::os::unix::fs::PermissionsExt;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.status_field("Seccomp:").as_deref() != Some("2") {
+        assert!(
+            Instant::now() < deadline,
+            "no seccomp filter: {:?}\n{}",
+            d.status_field("Seccomp:"),
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let uid = d.status_field("Uid:").unwrap_or_default();
+    assert!(
+        uid.split_whitespace().all(|u| u == "65534"),
+        "real, effective, saved and fs uid are nobody's: {uid}"
+    );
+    for caps in ["CapEff:", "CapPrm:"] {
+        assert_eq!(
+            d.status_field(caps).as_deref(),
+            Some("0000000000000000"),
+            "{caps}"
+        );
+    }
+    let mode = std::fs::metadata(&d.socket)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o660, "socket mode {mode:o}");
 }
 
 /// Waits until testpmd drives the daemon's queues (tap up).

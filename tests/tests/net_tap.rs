@@ -71,7 +71,7 @@ fn rig_pairs(mrg: bool, offloads: bool, pairs: u16) -> Rig {
         tap: "obtap0".into(),
         bridge: Some("obbr0".into()),
         create_bridge: true,
-        mac: GUEST_MAC,
+        mac: Some(GUEST_MAC),
         mtu: 1500,
         queue_pairs: pairs,
         queue_size: 256,
@@ -85,6 +85,9 @@ fn rig_pairs(mrg: bool, offloads: bool, pairs: u16) -> Rig {
         },
         ip: None,
         control_socket: None,
+        seccomp: "off".parse().expect("mode"),
+        user: None,
+        socket_mode: None,
     };
     let dev = a.run(move || vhost_user_net::setup(&cfg).expect("device setup in namespace A"));
     a.ip(&["link", "set", "va", "master", "obbr0"]);
@@ -92,6 +95,7 @@ fn rig_pairs(mrg: bool, offloads: bool, pairs: u16) -> Rig {
     dev.set_acked(dev.features()).expect("ack");
     dev.start();
     assert!(dev.link_up());
+    wait_forwarding(&a, "obtap0");
     let peer_mac = b.mac("vb");
     Rig {
         dev,
@@ -101,6 +105,18 @@ fn rig_pairs(mrg: bool, offloads: bool, pairs: u16) -> Rig {
         peer_mac,
         mrg,
         offloads,
+    }
+}
+
+/// Waits until the bridge forwards to port `dev`: the kernel applies a
+/// carrier change through its link watch, up to a second later.
+fn wait_forwarding(ns: &Netns, dev: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let path = format!("/sys/class/net/{dev}/brport/state");
+    // 3 is BR_STATE_FORWARDING.
+    while ns.exec(&["cat", &path]).trim() != "3" {
+        assert!(Instant::now() < deadline, "{dev} not forwarding");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -594,13 +610,16 @@ fn setup_and_link_state_over_netlink() {
         tap: "obtap%d".into(),
         bridge: Some("obbr1".into()),
         create_bridge: true,
-        mac: GUEST_MAC,
+        mac: Some(GUEST_MAC),
         mtu: 1400,
         queue_pairs: 2,
         queue_size: 256,
         offloads: Offloads::default(),
         ip: Some(("10.203.0.1".parse().expect("ip"), 24)),
         control_socket: None,
+        seccomp: "off".parse().expect("mode"),
+        user: None,
+        socket_mode: None,
     };
     let dev = a.run(move || vhost_user_net::setup(&cfg).expect("setup"));
     let name = dev.tap().name().to_string();
@@ -621,18 +640,31 @@ fn setup_and_link_state_over_netlink() {
             .any(|x| x["local"] == "10.203.0.1" && x["prefixlen"] == 24),
         "{link}"
     );
-    let up = |l: &serde_json::Value| {
-        l["flags"]
-            .as_array()
-            .expect("flags")
-            .iter()
-            .any(|f| f == "UP")
+    let flag = |l: &serde_json::Value, f: &str| {
+        l["flags"].as_array().expect("flags").iter().any(|x| x == f)
     };
-    assert!(!up(&link), "down until a driver starts the queues");
+    // Administratively up; the carrier (operstate) follows the driver.
+    assert!(flag(&link, "UP"), "{link}");
+    assert!(
+        flag(&link, "NO-CARRIER") && link["operstate"] == "DOWN",
+        "down until a driver starts the queues: {link}"
+    );
     dev.start();
-    assert!(up(&show(&a)), "up once the queues started");
+    let link = show(&a);
+    assert!(
+        flag(&link, "LOWER_UP") && link["operstate"] == "UP",
+        "up once the queues started: {link}"
+    );
     dev.stop();
     let link = show(&a);
-    assert!(!up(&link), "down after the frontend left");
+    assert!(
+        flag(&link, "NO-CARRIER") && link["operstate"] == "DOWN",
+        "down after the frontend left: {link}"
+    );
     assert_eq!(link["master"], "obbr1", "still on the bridge");
+    // Created by us: persistent and tagged with the guest MAC.
+    let alias = link["ifalias"].as_str().unwrap_or_default().to_string();
+    assert_eq!(alias, "outboard-vhost-user-net mac=52:54:00:12:34:56");
+    let details = a.exec(&["ip", "-d", "link", "show", "dev", "obtap0"]);
+    assert!(details.contains("persist on"), "{details}");
 }

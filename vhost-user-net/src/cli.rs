@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use outboard_common::sandbox::SeccompMode;
 
 use crate::virtio::Offloads;
 
@@ -37,9 +38,11 @@ impl OnOff {
         vhost-user-net --socket-path /run/vm0-net.sock --tap vm0 --ip 192.168.100.1 --netmask 255.255.255.0\n  \
         qemu-system-x86_64 ... -chardev socket,id=n0,path=/run/vm0-net.sock \\\n      \
         -netdev vhost-user,id=net0,chardev=n0,queues=2 -device virtio-net-pci,netdev=net0,mq=on\n\n\
-        The tap is created (or an existing one opened) at start, comes up when the guest driver \
-        starts the queues and goes down, keeping its bridge membership, when the frontend \
-        disconnects; the daemon then listens again on the same socket.\n\n\
+        The tap is created (or an existing one opened) at start; its carrier comes up when the \
+        guest driver starts the queues and goes down, keeping its bridge membership, when the \
+        frontend disconnects; the daemon then listens again on the same socket. A tap the daemon \
+        created outlives a crash (it is persistent until a clean exit), so a restarted daemon \
+        finds it with its bridge, address and guest MAC.\n\n\
         Offload switches default to on: --tso4 off etc. turn one off (csum off turns off all \
         segmentation offloads too).\n\n\
         Control a running daemon: vhost-user-net ctl /run/vm0-net-ctl.sock stats",
@@ -68,7 +71,8 @@ pub struct Args {
     /// Create the --bridge if it does not exist (and bring it up).
     #[arg(long, requires = "bridge")]
     pub create_bridge: bool,
-    /// The guest's MAC address, e.g. 52:54:00:12:34:56 (default: random, locally administered).
+    /// The guest's MAC address, e.g. 52:54:00:12:34:56 (default: the one a previous instance
+    /// used on this tap, else random, locally administered).
     #[arg(long, value_name = "MAC")]
     pub mac: Option<String>,
     /// MTU of the guest NIC and of the tap.
@@ -110,6 +114,24 @@ pub struct Args {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, default_value = "info")]
     pub log_level: log::LevelFilter,
+    /// Seccomp filter once serving: errno (forbidden system calls fail with
+    /// EPERM), kill (SIGSYS), log (allowed, logged by the kernel) or off.
+    #[arg(long, value_name = "MODE", default_value = "errno")]
+    pub seccomp: SeccompMode,
+    /// Run as this user once the tap and sockets are set up (when started as root);
+    /// no capability is kept.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Permissions of the --socket-path socket file, in octal (e.g. 0660).
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
+    pub socket_mode: Option<u32>,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode such as 0660"))
 }
 
 /// Where the daemon listens.
@@ -132,8 +154,8 @@ pub struct Config {
     pub bridge: Option<String>,
     /// Create the bridge if missing.
     pub create_bridge: bool,
-    /// Guest MAC.
-    pub mac: [u8; 6],
+    /// Guest MAC (`None`: the previous instance's on this tap, else random).
+    pub mac: Option<[u8; 6]>,
     /// MTU.
     pub mtu: u16,
     /// Queue pairs.
@@ -146,6 +168,12 @@ pub struct Config {
     pub ip: Option<(IpAddr, u8)>,
     /// Control socket.
     pub control_socket: Option<PathBuf>,
+    /// Seccomp mode.
+    pub seccomp: SeccompMode,
+    /// Unprivileged user to switch to.
+    pub user: Option<String>,
+    /// Socket file permissions.
+    pub socket_mode: Option<u32>,
 }
 
 /// Invalid command lines.
@@ -235,8 +263,8 @@ impl TryFrom<Args> for Config {
             return Err(ConfigError::Tap(a.tap));
         }
         let mac = match &a.mac {
-            Some(m) => parse_mac(m).ok_or_else(|| ConfigError::Mac(m.clone()))?,
-            None => random_mac(),
+            Some(m) => Some(parse_mac(m).ok_or_else(|| ConfigError::Mac(m.clone()))?),
+            None => None,
         };
         let ip = match a.ip {
             None => None,
@@ -270,6 +298,9 @@ impl TryFrom<Args> for Config {
             },
             ip,
             control_socket: a.control_socket,
+            seccomp: a.seccomp,
+            user: a.user,
+            socket_mode: a.socket_mode,
         })
     }
 }

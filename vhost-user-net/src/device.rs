@@ -1,6 +1,7 @@
 //! The virtio-net device: a tap, one RX/TX engine pair per queue pair,
-//! counters, the acked features, and the link state. Knows virtio queues
-//! and guest memory, not vhost-user.
+//! counters, the acked features, and the link state (the tap's carrier: on
+//! while a driver runs the queues). Knows virtio queues and guest memory,
+//! not vhost-user.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -15,13 +16,6 @@ use crate::tx::{Tx, TxError};
 use crate::virtio::{
     config_space, device_features, tap_offload_flags, DeviceParams, Negotiated, CONFIG_SPACE_SIZE,
 };
-
-/// Brings the host side of the link up and down (the tap, over netlink in
-/// the daemon; nothing in some tests).
-pub trait LinkControl: Send + Sync + std::fmt::Debug {
-    /// Sets the tap up (`true`) or down.
-    fn set_up(&self, up: bool) -> Result<(), String>;
-}
 
 /// Device errors.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +43,6 @@ struct Pair {
 pub struct NetDevice {
     params: DeviceParams,
     tap: Tap,
-    link: Option<Box<dyn LinkControl>>,
     pairs: Vec<Mutex<Pair>>,
     /// Counters, indexed by queue (RX queues even, TX queues odd).
     pub stats: Vec<QueueStats>,
@@ -67,12 +60,9 @@ impl std::fmt::Debug for Pair {
 }
 
 impl NetDevice {
-    /// A device on `tap` with `params.queue_pairs` pairs.
-    pub fn new(
-        params: DeviceParams,
-        tap: Tap,
-        link: Option<Box<dyn LinkControl>>,
-    ) -> Result<NetDevice, DeviceError> {
+    /// A device on `tap` (opened without carrier) with
+    /// `params.queue_pairs` pairs.
+    pub fn new(params: DeviceParams, tap: Tap) -> Result<NetDevice, DeviceError> {
         let want = usize::from(params.queue_pairs);
         if tap.queues() < want {
             return Err(DeviceError::Queues {
@@ -97,7 +87,6 @@ impl NetDevice {
             stats: (0..2 * want).map(|_| QueueStats::default()).collect(),
             params,
             tap,
-            link,
             acked: AtomicU64::new(0),
             link_up: AtomicBool::new(false),
             link_lock: Mutex::new(()),
@@ -130,7 +119,8 @@ impl NetDevice {
         self.acked.load(Ordering::Relaxed)
     }
 
-    /// Whether the tap is up (driver ready, frontend connected).
+    /// Whether the link is up (driver ready, frontend connected: the tap
+    /// has carrier).
     pub fn link_up(&self) -> bool {
         self.link_up.load(Ordering::Relaxed)
     }
@@ -167,7 +157,7 @@ impl NetDevice {
         self.start();
     }
 
-    /// The driver started the queues: bring the tap up (once).
+    /// The driver started the queues: carrier on (once).
     pub fn start(&self) {
         if self.link_up.load(Ordering::Acquire) {
             return;
@@ -176,24 +166,20 @@ impl NetDevice {
         if self.link_up.load(Ordering::Acquire) {
             return;
         }
-        if let Some(l) = &self.link {
-            match l.set_up(true) {
-                Ok(()) => log::info!("{} up", self.tap.name()),
-                Err(e) => log::error!("{}: {e}", self.tap.name()),
-            }
+        match self.tap.set_carrier(true) {
+            Ok(()) => log::info!("{} up", self.tap.name()),
+            Err(e) => log::error!("{e}"),
         }
         self.link_up.store(true, Ordering::Release);
     }
 
-    /// The frontend went away: tap down (its bridge membership stays).
+    /// The frontend went away: carrier off (the tap stays on its bridge).
     pub fn stop(&self) {
         let _g = self.link_lock.lock().unwrap_or_else(|e| e.into_inner());
         if self.link_up.swap(false, Ordering::AcqRel) {
-            if let Some(l) = &self.link {
-                match l.set_up(false) {
-                    Ok(()) => log::info!("{} down", self.tap.name()),
-                    Err(e) => log::error!("{}: {e}", self.tap.name()),
-                }
+            match self.tap.set_carrier(false) {
+                Ok(()) => log::info!("{} down", self.tap.name()),
+                Err(e) => log::error!("{e}"),
             }
         }
         if let Err(e) = self.set_acked(0) {

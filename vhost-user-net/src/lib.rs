@@ -33,9 +33,11 @@ pub mod virtio;
 
 use std::sync::Arc;
 
+use outboard_common::sandbox;
+
 use crate::backend::NetBackend;
-use crate::cli::{Config, Listen};
-use crate::device::{LinkControl, NetDevice};
+use crate::cli::{random_mac, Config, Listen};
+use crate::device::NetDevice;
 use crate::netlink::Netlink;
 use crate::tap::Tap;
 use crate::virtio::DeviceParams;
@@ -64,32 +66,78 @@ pub enum Error {
     /// Signal handling could not be set up.
     #[error("signal handling")]
     Signals(#[source] std::io::Error),
+    /// --socket-mode could not be applied.
+    #[error("setting the socket permissions")]
+    SocketMode(#[source] std::io::Error),
+    /// Seccomp or dropping privileges failed.
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::SandboxError),
 }
 
-/// The tap's link, over netlink.
-#[derive(Debug)]
-pub struct TapLink {
-    netlink: Netlink,
-    name: String,
-    index: u32,
+/// The alias (IFLA_IFALIAS) of a tap the daemon created, followed by
+/// ` mac=` and the guest's MAC: it marks the tap as ours (persistent while
+/// we serve, removed at a clean exit) and tells a restarted instance the
+/// MAC to keep.
+pub const TAP_ALIAS: &str = "outboard-vhost-user-net";
+
+/// System calls the net daemon needs while serving, besides the common
+/// list (found by running the net tests with `--seccomp log`).
+pub const SERVING_SYSCALLS: &[i64] = &[];
+
+/// Installs the daemon's seccomp filter on every thread: the common list,
+/// [`SERVING_SYSCALLS`] and the tap requests of
+/// [`Tap::SERVING_IOCTLS`]. No `socket`: the daemon can open no netlink
+/// socket (nor create taps) once serving.
+pub fn apply_seccomp(mode: sandbox::SeccompMode) -> Result<(), sandbox::SandboxError> {
+    sandbox::apply_with_ioctls(mode, SERVING_SYSCALLS, Tap::SERVING_IOCTLS)
 }
 
-impl LinkControl for TapLink {
-    fn set_up(&self, up: bool) -> Result<(), String> {
-        self.netlink
-            .set_up(&self.name, self.index, up)
-            .map_err(|e| e.to_string())
+fn format_mac(m: [u8; 6]) -> String {
+    m.map(|b| format!("{b:02x}")).join(":")
+}
+
+/// `Some(mac)` if `alias` is ours (`mac` is `None` if it holds none).
+fn our_alias(alias: &str) -> Option<Option<[u8; 6]>> {
+    let rest = alias.strip_prefix(TAP_ALIAS)?;
+    if rest.is_empty() {
+        return Some(None);
     }
+    Some(rest.strip_prefix(" mac=").and_then(cli::parse_mac))
 }
 
-/// Opens the tap, configures it (MTU, bridge, address; down until a driver
-/// starts) and returns the device.
+/// A set-up device and whether its tap is the daemon's own (created by
+/// this or an earlier instance, persistent until a clean exit).
+#[derive(Debug)]
+pub struct Prepared {
+    /// The device.
+    pub device: Arc<NetDevice>,
+    /// The tap carries [`TAP_ALIAS`].
+    pub owned_tap: bool,
+}
+
+/// Opens the tap, configures it (MTU, bridge, address; admin up, no
+/// carrier until a driver starts) and returns the device.
 pub fn setup(cfg: &Config) -> Result<Arc<NetDevice>, Error> {
-    let tap = Tap::open(&cfg.tap, cfg.queue_pairs)?;
+    Ok(prepare(cfg)?.device)
+}
+
+/// [`setup`], also telling whether the tap is ours. A tap we create is made
+/// persistent and tagged, so that it survives a crash of the daemon with
+/// its bridge membership, address and MAC; a restarted instance finds the
+/// tag and reuses the guest MAC it names when `--mac` is not given.
+pub fn prepare(cfg: &Config) -> Result<Prepared, Error> {
     let nl = Netlink::new()?;
+    let existed = !cfg.tap.contains('%') && nl.index(&cfg.tap)?.is_some();
+    let tag = if existed {
+        nl.alias(&cfg.tap)?.as_deref().and_then(our_alias)
+    } else {
+        None
+    };
+    let tap = Tap::open(&cfg.tap, cfg.queue_pairs)?;
+    let owned_tap = !existed || tag.is_some();
+    let mac = cfg.mac.or(tag.flatten()).unwrap_or_else(random_mac);
     let name = tap.name().to_string();
     let index = nl.require(&name)?;
-    nl.set_up(&name, index, false)?;
     nl.set_mtu(&name, index, u32::from(cfg.mtu))?;
     if let Some(br) = &cfg.bridge {
         let b = match nl.index(br)? {
@@ -105,31 +153,47 @@ pub fn setup(cfg: &Config) -> Result<Arc<NetDevice>, Error> {
     if let Some((ip, prefix)) = cfg.ip {
         nl.add_address(&name, index, ip, prefix)?;
     }
+    if owned_tap {
+        nl.set_alias(
+            &name,
+            index,
+            &format!("{TAP_ALIAS} mac={}", format_mac(mac)),
+        )?;
+        tap.set_persist(true)?;
+    }
     let params = DeviceParams {
-        mac: cfg.mac,
+        mac,
         mtu: cfg.mtu,
         queue_pairs: cfg.queue_pairs,
         queue_size: cfg.queue_size,
         offloads: cfg.offloads,
         tap_ufo: tap.supports_ufo(),
     };
-    let link = TapLink {
-        netlink: nl,
-        name,
-        index,
-    };
-    Ok(Arc::new(NetDevice::new(params, tap, Some(Box::new(link)))?))
+    let device = Arc::new(NetDevice::new(params, tap)?);
+    // Administratively up for good: the carrier says whether a driver runs.
+    nl.set_up(&name, index, true)?;
+    Ok(Prepared { device, owned_tap })
 }
 
 /// Sets up the device and serves frontends until a signal.
 pub fn run(cfg: Config) -> Result<(), Error> {
-    let device = setup(&cfg)?;
-    let m = cfg.mac;
+    let Prepared { device, owned_tap } = prepare(&cfg)?;
+    let r = serve_device(&cfg, device.clone(), owned_tap);
+    if r.is_err() && owned_tap {
+        let _ = device.tap().set_persist(false);
+    }
+    r
+}
+
+fn serve_device(cfg: &Config, device: Arc<NetDevice>, owned_tap: bool) -> Result<(), Error> {
     log::info!(
-        "tap {}{} for guest MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, {} queue pair(s) of {}, MTU {}",
+        "tap {}{} for guest MAC {}, {} queue pair(s) of {}, MTU {}",
         device.tap().name(),
-        cfg.bridge.as_ref().map(|b| format!(" on bridge {b}")).unwrap_or_default(),
-        m[0], m[1], m[2], m[3], m[4], m[5],
+        cfg.bridge
+            .as_ref()
+            .map(|b| format!(" on bridge {b}"))
+            .unwrap_or_default(),
+        format_mac(device.params().mac),
         cfg.queue_pairs,
         cfg.queue_size,
         cfg.mtu
@@ -142,14 +206,30 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         control::spawn(path, device.clone())?;
         log::info!("control socket on {}", path.display());
     }
-    spawn_signal_thread(owned_path)?;
+    spawn_signal_thread(owned_path.clone(), owned_tap.then(|| device.clone()))?;
+    if let (Some(mode), Some(p)) = (cfg.socket_mode, &owned_path) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .map_err(Error::SocketMode)?;
+    }
+    if let Some(user) = &cfg.user {
+        sandbox::drop_privileges(user)?;
+        log::info!("running as {user}");
+    }
+    apply_seccomp(cfg.seccomp)?;
+    if cfg.seccomp != sandbox::SeccompMode::Off {
+        log::info!("seccomp filter on ({:?})", cfg.seccomp);
+    }
     server::serve(NetBackend::new(device), listener)?;
     Ok(())
 }
 
-/// SIGTERM/SIGINT: remove our socket and exit (the tap goes with the process
-/// unless it is persistent).
-fn spawn_signal_thread(socket: Option<std::path::PathBuf>) -> Result<(), Error> {
+/// SIGTERM/SIGINT: remove our socket, make our tap non-persistent (it goes
+/// with the process) and exit.
+fn spawn_signal_thread(
+    socket: Option<std::path::PathBuf>,
+    owned_tap: Option<Arc<NetDevice>>,
+) -> Result<(), Error> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(Error::Signals)?;
@@ -161,9 +241,30 @@ fn spawn_signal_thread(socket: Option<std::path::PathBuf>) -> Result<(), Error> 
                 if let Some(p) = socket {
                     let _ = std::fs::remove_file(p);
                 }
+                if let Some(d) = owned_tap {
+                    if let Err(e) = d.tap().set_persist(false) {
+                        log::warn!("{e}");
+                    }
+                }
                 std::process::exit(0);
             }
         })
         .map_err(Error::Signals)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_alias_marks_ours_and_keeps_the_mac() {
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let alias = format!("{TAP_ALIAS} mac={}", format_mac(mac));
+        assert_eq!(alias, "outboard-vhost-user-net mac=52:54:00:12:34:56");
+        assert_eq!(our_alias(&alias), Some(Some(mac)));
+        assert_eq!(our_alias(TAP_ALIAS), Some(None));
+        assert_eq!(our_alias(&format!("{TAP_ALIAS} mac=zz")), Some(None));
+        assert_eq!(our_alias("uplink to the lab"), None);
+    }
 }

@@ -1,6 +1,6 @@
 //! Link configuration over rtnetlink (the `rtnetlink` crate): look links
-//! up, bring them up and down, set the MTU and MAC, create a bridge, attach
-//! a port to it, add an address. The requests run on a private
+//! up, bring them up and down, set the MTU, MAC and alias, create a
+//! bridge, attach a port to it, add an address. The requests run on a private
 //! current-thread tokio runtime; the netlink socket is opened in the
 //! network namespace of the thread that calls [`Netlink::new`].
 
@@ -89,6 +89,37 @@ impl Netlink {
                 source,
             }),
         }
+    }
+
+    /// The alias (IFLA_IFALIAS) of link `name`, if it exists and has one.
+    pub fn alias(&self, name: &str) -> Result<Option<String>, NetlinkError> {
+        use rtnetlink::packet_route::link::LinkAttribute;
+        let r = self.run(async {
+            let mut links = self.handle.link().get().match_name(name).execute();
+            links.try_next().await
+        });
+        match r {
+            Ok(Some(link)) => Ok(link.attributes.into_iter().find_map(|a| match a {
+                LinkAttribute::IfAlias(s) => Some(s),
+                _ => None,
+            })),
+            Ok(None) => Ok(None),
+            Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
+            Err(source) => Err(NetlinkError::Request {
+                what: "looking up",
+                link: name.into(),
+                source,
+            }),
+        }
+    }
+
+    /// Sets the alias (IFLA_IFALIAS) of link `index`.
+    pub fn set_alias(&self, name: &str, index: u32, alias: &str) -> Result<(), NetlinkError> {
+        self.change(
+            "setting the alias of",
+            name,
+            LinkUnspec::new_with_index(index).alias(alias).build(),
+        )
     }
 
     /// The index of link `name`, which must exist.

@@ -58,7 +58,8 @@ fn ifreq(name: &str, flags: libc::c_int) -> libc::ifreq {
 
 impl Tap {
     /// Creates tap `name` (or attaches to an existing tap of that name) with
-    /// `queue_pairs` queues. A name with `%d` lets the kernel pick a number.
+    /// `queue_pairs` queues, without carrier. A name with `%d` lets the
+    /// kernel pick a number.
     pub fn open(name: &str, queue_pairs: u16) -> Result<Tap, TapError> {
         if name.is_empty() || name.len() > MAX_NAME_LEN || name.contains('\0') {
             return Err(TapError::Name(name.into()));
@@ -108,6 +109,8 @@ impl Tap {
         // probe it, then start with no offloads until the guest acks some.
         tap.ufo = tap.set_offload(libc::TUN_F_CSUM | libc::TUN_F_UFO).is_ok();
         tap.set_offload(0)?;
+        // Attaching turned the carrier on: off until a driver starts.
+        tap.set_carrier(false)?;
         Ok(tap)
     }
 
@@ -180,6 +183,64 @@ impl Tap {
         }
         Ok(())
     }
+
+    /// TUNSETCARRIER: the link's carrier (its operational state: a bridge
+    /// forwards to the port only with carrier). Needs no privilege, so it
+    /// works after the daemon dropped root.
+    pub fn set_carrier(&self, on: bool) -> Result<(), TapError> {
+        self.int_ioctl("TUNSETCARRIER", libc::TUNSETCARRIER, libc::c_int::from(on))
+    }
+
+    /// TUNSETPERSIST: whether the tap outlives its last fd (the daemon).
+    pub fn set_persist(&self, on: bool) -> Result<(), TapError> {
+        let Some(fd) = self.queues.first() else {
+            return Ok(());
+        };
+        // SAFETY: TUNSETPERSIST takes its argument by value; no memory is passed.
+        let r =
+            unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETPERSIST, libc::c_ulong::from(on)) };
+        if r < 0 {
+            return Err(TapError::Ioctl {
+                what: "TUNSETPERSIST",
+                name: self.name.clone(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// An ioctl that reads one int through its pointer argument, on the
+    /// first queue's fd (device-wide settings).
+    fn int_ioctl(
+        &self,
+        what: &'static str,
+        req: libc::Ioctl,
+        value: libc::c_int,
+    ) -> Result<(), TapError> {
+        let Some(fd) = self.queues.first() else {
+            return Ok(());
+        };
+        // SAFETY: the request reads one int from the pointer we pass.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), req, &value) };
+        if r < 0 {
+            return Err(TapError::Ioctl {
+                what,
+                name: self.name.clone(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The ioctl requests this module issues once the daemon serves (for
+    /// the seccomp filter).
+    pub const SERVING_IOCTLS: &'static [u64] = &[
+        libc::TUNSETQUEUE,
+        libc::TUNSETOFFLOAD,
+        libc::TUNSETVNETHDRSZ,
+        libc::TUNSETCARRIER,
+        libc::TUNSETPERSIST,
+    ];
 
     /// TUNSETOFFLOAD: which offloaded packets the tap may hand us.
     pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {

@@ -39,6 +39,9 @@ fn help_shows_examples_and_every_switch() {
         "--ip",
         "--netmask",
         "--control-socket",
+        "--seccomp",
+        "--user",
+        "--socket-mode",
         "Examples:",
     ] {
         assert!(help.contains(s), "--help lacks {s}:\n{help}");
