@@ -1092,11 +1092,6 @@ impl Daemon {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
-    /// The process id, while the daemon runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child.is_some() && self.try_wait().is_none()
