@@ -36,8 +36,9 @@ pub struct BlkDevice {
     writeback: AtomicBool,
     acked: AtomicU64,
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
-    /// Bumped after each memory map change (the workers watch it).
-    mem_epoch: Arc<AtomicU64>,
+    /// Bumped after each memory map change and on pause: the workers watch
+    /// it and return from a pass (which may be polling) when it moves.
+    epoch: Arc<AtomicU64>,
     frontend: Mutex<Option<Backend>>,
     /// While set, queue threads leave requests in the rings (quiesce).
     paused: AtomicBool,
@@ -67,11 +68,11 @@ impl BlkDevice {
         writeback: bool,
         settings: DeviceSettings,
     ) -> Result<BlkDevice, crate::worker::WorkerError> {
-        let mem_epoch = Arc::new(AtomicU64::new(0));
+        let epoch = Arc::new(AtomicU64::new(0));
         let workers = (0..num_queues)
             .map(|_| {
                 let mut w = Worker::new(&disk, queue_size)?;
-                w.watch_memory(mem_epoch.clone());
+                w.watch(epoch.clone());
                 Ok(Mutex::new(w))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -96,7 +97,7 @@ impl BlkDevice {
             writeback: AtomicBool::new(writeback),
             acked: AtomicU64::new(0),
             mem: RwLock::new(None),
-            mem_epoch,
+            epoch,
             frontend: Mutex::new(None),
             paused: AtomicBool::new(false),
             vrings: (0..num_queues).map(|_| Mutex::new(None)).collect(),
@@ -138,7 +139,9 @@ impl BlkDevice {
     pub fn pause(&self, paused: bool) {
         self.paused.store(paused, Ordering::SeqCst);
         if paused {
-            // Taking each worker lock waits for the batch it is running.
+            // A polling or busy queue returns from its pass; taking each
+            // worker lock waits for the requests it has in flight.
+            self.epoch.fetch_add(1, Ordering::AcqRel);
             for w in &self.workers {
                 drop(w.lock().unwrap_or_else(|e| e.into_inner()));
             }
@@ -203,6 +206,9 @@ impl BlkDevice {
             }
         };
         loop {
+            if self.paused.load(Ordering::SeqCst) {
+                return Ok(());
+            }
             // A fresh map for each pass: the worker returns when it changes.
             let Some(atomic) = self.mem.read().unwrap_or_else(|e| e.into_inner()).clone() else {
                 return Err(io::Error::other(
@@ -353,7 +359,7 @@ impl VhostUserBackend for BlkBackend {
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
         check_regions_fit_files(&mem.memory())?;
         *self.0.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
-        self.0.mem_epoch.fetch_add(1, Ordering::AcqRel);
+        self.0.epoch.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 

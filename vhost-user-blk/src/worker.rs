@@ -1,12 +1,18 @@
 //! The per-queue request engine: pops descriptor chains, parses them,
 //! executes them against the [`Disk`] and completes them.
 //!
-//! Raw disks: reads and writes become io_uring `readv`/`writev` straight
-//! into guest memory, submitted as one batch per pass over the available
-//! ring; a FLUSH is an `fdatasync` that drains the requests before it.
-//! qcow2 disks: the library call runs on this queue's thread through a
-//! per-queue bounce buffer. Nothing here allocates per request once the
-//! buffers have grown to the largest request seen.
+//! Raw disks: reads and writes become io_uring `read`/`write` (`readv`/
+//! `writev` for several segments) straight into guest memory, on the disk
+//! file registered with the ring; a FLUSH is an `fdatasync` that drains the
+//! requests before it. qcow2 disks: the library call runs on this queue's
+//! thread through a per-queue bounce buffer. Nothing here allocates per
+//! request once the buffers have grown to the largest request seen.
+//!
+//! Chains are taken in waves of `WAVE` (8): each wave is submitted and what
+//! has completed goes to the used ring (one notification at most, EVENT_IDX
+//! permitting) before the next wave, so the driver refills the ring while
+//! the device works. A queue that runs dry polls its available ring for an
+//! adaptive window (`PollWindow`) before it goes back to waiting for kicks.
 //!
 //! With an inflight region ([`crate::inflight`]), every head taken from the
 //! available ring is recorded until it is in the used ring, and after a
@@ -83,9 +89,9 @@ pub struct Worker {
     resubmit: Vec<u16>,
     /// The adaptive busy-poll window.
     poll: PollWindow,
-    /// Bumped by the owner whenever the guest memory map changes.
-    mem_epoch: Option<Arc<AtomicU64>>,
-    /// `mem_epoch` as of the last [`Processed::MemoryChanged`].
+    /// Bumped by the owner to make `process` return (see [`Worker::watch`]).
+    epoch: Option<Arc<AtomicU64>>,
+    /// `epoch` as of the last [`Processed::Interrupted`].
     seen_epoch: u64,
 }
 
@@ -94,10 +100,10 @@ pub struct Worker {
 pub enum Processed {
     /// The queue is empty and notifications are enabled.
     Idle,
-    /// The guest memory map changed (see [`Worker::watch_memory`]): nothing
-    /// is in flight any more, and `process` must be called again with the
-    /// new map to serve what is left in the ring.
-    MemoryChanged,
+    /// The owner bumped the epoch (see [`Worker::watch`]): nothing is in
+    /// flight any more, chains may be left in the ring, and `process` must
+    /// be called again (with the current memory map) to serve them.
+    Interrupted,
 }
 
 impl std::fmt::Debug for Worker {
@@ -160,7 +166,7 @@ impl Worker {
             recover: false,
             resubmit: Vec::new(),
             poll: PollWindow::default(),
-            mem_epoch: None,
+            epoch: None,
             seen_epoch: 0,
         })
     }
@@ -174,29 +180,30 @@ impl Worker {
     }
 
     /// Watches `epoch`, which the owner bumps after each change of the guest
-    /// memory map: `process` then stops taking chains (they may point into
-    /// memory its map does not have yet) and returns
-    /// [`Processed::MemoryChanged`]; the owner loads the map again and calls
-    /// `process` again. Matters most while polling, when the driver may add
-    /// a region and use it before the next kick.
-    pub fn watch_memory(&mut self, epoch: Arc<AtomicU64>) {
-        self.mem_epoch = Some(epoch);
+    /// memory map and when it pauses the device: `process` then stops taking
+    /// chains (they may point into memory its map does not have yet), waits
+    /// for those in flight and returns [`Processed::Interrupted`]; the owner
+    /// loads the map again and calls `process` again unless it is pausing.
+    /// Matters most while polling, when the driver may add a region and use
+    /// it before the next kick, and may keep the queue busy indefinitely.
+    pub fn watch(&mut self, epoch: Arc<AtomicU64>) {
+        self.epoch = Some(epoch);
     }
 
-    /// Whether the memory map changed since the last [`Processed::MemoryChanged`].
-    fn memory_changed(&self) -> bool {
-        self.mem_epoch
+    /// Whether the epoch moved since the last [`Processed::Interrupted`].
+    fn interrupted(&self) -> bool {
+        self.epoch
             .as_ref()
             .is_some_and(|e| e.load(Ordering::Acquire) != self.seen_epoch)
     }
 
-    /// Records the current memory epoch: the caller loads the map after
-    /// this, so a later change is seen by the next pass.
-    fn memory_seen(&mut self) -> Processed {
-        if let Some(e) = &self.mem_epoch {
+    /// Records the current epoch: the caller loads the map after this, so a
+    /// later change is seen by the next pass.
+    fn interrupt_seen(&mut self) -> Processed {
+        if let Some(e) = &self.epoch {
             self.seen_epoch = e.load(Ordering::Acquire);
         }
-        Processed::MemoryChanged
+        Processed::Interrupted
     }
 
     /// Number of heads waiting to be resubmitted.
@@ -244,7 +251,7 @@ impl Worker {
     }
 
     /// Processes the queue until it is empty with notifications enabled
-    /// (or the memory map changed, see [`Worker::watch_memory`]).
+    /// (or it was interrupted, see [`Worker::watch`]).
     /// `signal` is called whenever the driver must be told about used buffers.
     #[allow(clippy::too_many_arguments)]
     pub fn process<M: GuestMemoryBackend>(
@@ -257,8 +264,8 @@ impl Worker {
         stats: &QueueStats,
         signal: &mut dyn FnMut(),
     ) -> Result<Processed, WorkerError> {
-        if self.memory_changed() {
-            return Ok(self.memory_seen());
+        if self.interrupted() {
+            return Ok(self.interrupt_seen());
         }
         if self.recover {
             self.recover(q, mem)?;
@@ -268,8 +275,8 @@ impl Worker {
             q.disable_notification(mem).map_err(queue_err)?;
             loop {
                 let n = self.run_pipeline(disk, settings, writeback, q, mem, stats, signal)?;
-                if self.memory_changed() {
-                    return Ok(self.memory_seen());
+                if self.interrupted() {
+                    return Ok(self.interrupt_seen());
                 }
                 if n == 0 && !self.poll_avail(q, mem)? {
                     break;
@@ -317,7 +324,7 @@ impl Worker {
                 let Some(&slot) = self.free.last() else {
                     break;
                 };
-                if self.memory_changed() {
+                if self.interrupted() {
                     drained = true;
                     break;
                 }
@@ -795,14 +802,14 @@ impl PollWindow {
 
 impl Worker {
     /// Polls the available ring for up to the current poll window; `true`
-    /// when a new chain arrived (and the memory map did not change).
+    /// when a new chain arrived (and the worker was not interrupted).
     fn poll_avail<M: GuestMemoryBackend>(&self, q: &Queue, mem: &M) -> Result<bool, WorkerError> {
         let window = self.poll.window;
         if window.is_zero() {
             return Ok(false);
         }
         let deadline = Instant::now() + window;
-        while Instant::now() < deadline && !self.memory_changed() {
+        while Instant::now() < deadline && !self.interrupted() {
             let avail = q.avail_idx(mem, Ordering::Acquire).map_err(queue_err)?;
             if avail.0 != q.next_avail() {
                 return Ok(true);

@@ -5,13 +5,13 @@
 //! disk and the guest, for raw (io_uring) and qcow2 (synchronous) disks.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use vhost_user_blk::disk::Disk;
 use vhost_user_blk::stats::QueueStats;
-use vhost_user_blk::worker::{DeviceSettings, Worker};
+use vhost_user_blk::worker::{DeviceSettings, Processed, Worker};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -100,6 +100,17 @@ fn segments(b: usize, flags: u16) -> Vec<(u64, u32, u16)> {
 
 /// Runs the queue; returns the number of driver notifications.
 fn process(worker: &mut Worker, disk: &Disk, q: &mut Queue, mem: &GuestMemoryMmap) -> usize {
+    let (signals, how) = process_once(worker, disk, q, mem);
+    assert_eq!(how, Processed::Idle);
+    signals
+}
+
+fn process_once(
+    worker: &mut Worker,
+    disk: &Disk,
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+) -> (usize, Processed) {
     let settings = DeviceSettings {
         serial: Vec::new(),
         max_dwz_segments: 1,
@@ -107,10 +118,10 @@ fn process(worker: &mut Worker, disk: &Disk, q: &mut Queue, mem: &GuestMemoryMma
     };
     let stats = QueueStats::default();
     let mut signals = 0;
-    worker
+    let how = worker
         .process(disk, &settings, true, q, mem, &stats, &mut || signals += 1)
         .expect("process");
-    signals
+    (signals, how)
 }
 
 /// Checks that the used ring holds `heads` exactly once each from used
@@ -151,7 +162,7 @@ fn check_used(
     }
 }
 
-fn run(format: qcow2::ImageFormat) {
+fn disk(format: qcow2::ImageFormat) -> (tempfile::TempDir, Arc<Disk>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("disk");
     match format {
@@ -168,6 +179,11 @@ fn run(format: qcow2::ImageFormat) {
         }
     }
     let disk = Arc::new(Disk::open(&path, format, false, false).expect("open"));
+    (dir, disk)
+}
+
+fn run(format: qcow2::ImageFormat) {
+    let (_dir, disk) = disk(format);
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("memory");
     let vq = MockSplitQueue::new(&mem, QUEUE);
     let mut q: Queue = vq.create_queue().expect("queue");
@@ -250,4 +266,42 @@ fn many_requests_in_one_kick_raw() {
 #[test]
 fn many_requests_in_one_kick_qcow2() {
     run(qcow2::ImageFormat::Qcow2);
+}
+
+/// A bumped epoch (memory map change, pause) makes a pass return before it
+/// takes any chain; the next pass serves them all.
+#[test]
+fn interrupted_pass_leaves_the_chains_for_the_next() {
+    let (_dir, disk) = disk(qcow2::ImageFormat::Raw);
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("memory");
+    let vq = MockSplitQueue::new(&mem, QUEUE);
+    let mut q: Queue = vq.create_queue().expect("queue");
+    let mut worker = Worker::new(&disk, DEPTH).expect("worker");
+    let epoch = Arc::new(AtomicU64::new(0));
+    worker.watch(epoch.clone());
+    let mut chains = Chains {
+        mem: &mem,
+        vq: &vq,
+        next_desc: 0,
+        count: 0,
+    };
+    let mut heads = Vec::new();
+    for b in 0..10 {
+        mem.write_slice(&pattern(b), GuestAddress(DATA + (b * BLOCK) as u64))
+            .expect("data");
+        heads.push((chains.next_desc, b as u64));
+        let sector = (b * BLOCK / 512) as u64;
+        chains.add(b as u64, VIRTIO_BLK_T_OUT, sector, &segments(b, 0));
+    }
+    epoch.fetch_add(1, Ordering::AcqRel);
+    let (_, how) = process_once(&mut worker, &disk, &mut q, &mem);
+    assert_eq!(how, Processed::Interrupted);
+    assert_eq!(
+        vq.used().idx().load(),
+        0,
+        "no chain taken while interrupted"
+    );
+    assert_eq!(q.next_avail(), 0);
+    process(&mut worker, &disk, &mut q, &mem);
+    check_used(&vq, &mem, 0, &chains, 0, |_| 1, &heads);
 }
