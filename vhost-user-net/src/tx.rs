@@ -8,7 +8,7 @@ use std::os::fd::RawFd;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryBackend;
 
-use crate::chain::collect;
+use crate::chain::{check_avail, collect};
 use crate::stats::QueueStats;
 use crate::virtio::Negotiated;
 
@@ -87,6 +87,8 @@ impl Tx {
             if !q.enable_notification(mem).map_err(qerr)? {
                 return Ok(());
             }
+            // More is available although nothing could be popped?
+            check_avail(q, mem).map_err(qerr)?;
         }
     }
 
