@@ -117,6 +117,9 @@ impl Rx {
         stats: &QueueStats,
         signal: &mut dyn FnMut(),
     ) -> Result<RxStop, RxError> {
+        // A bogus available index: fail before `virtio-queue` logs it on
+        // every pop (a guest could flood the log by kicking).
+        check_avail(q, mem).map_err(qerr)?;
         q.disable_notification(mem).map_err(qerr)?;
         let mut unsignalled = 0usize;
         let result = loop {

@@ -65,6 +65,9 @@ impl Tx {
         stats: &QueueStats,
         signal: &mut dyn FnMut(),
     ) -> Result<(), TxError> {
+        // A bogus available index: fail before `virtio-queue` logs it on
+        // every pop (a guest could flood the log by kicking).
+        check_avail(q, mem).map_err(qerr)?;
         loop {
             q.disable_notification(mem).map_err(qerr)?;
             let mut unsignalled = 0usize;
