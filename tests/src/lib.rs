@@ -505,4 +505,5 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     );
     bin
 }
+pub mod fuzz_net;
 pub mod vmm;

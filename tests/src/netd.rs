@@ -19,6 +19,10 @@ pub struct NetDaemon {
     /// The control socket.
     pub control: PathBuf,
     log: PathBuf,
+    /// Logs of earlier instances (before [`NetDaemon::crash_and_restart`]).
+    old_logs: Vec<PathBuf>,
+    /// How it was started (`ip netns exec NS BIN ARGS...`), to restart it.
+    argv: Vec<std::ffi::OsString>,
     _dir: tempfile::TempDir,
 }
 
@@ -64,12 +68,17 @@ impl NetDaemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"));
+        let argv = std::iter::once(cmd.get_program().to_os_string())
+            .chain(cmd.get_args().map(|a| a.to_os_string()))
+            .collect();
         let child = cmd.spawn().expect("spawn vhost-user-net");
         let mut d = NetDaemon {
             child,
             socket,
             control,
             log,
+            old_logs: Vec::new(),
+            argv,
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -87,9 +96,54 @@ impl NetDaemon {
         d
     }
 
-    /// The daemon's log so far.
+    /// The daemon's log so far (of every instance, oldest first).
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let mut s = String::new();
+        for (i, p) in self.old_logs.iter().enumerate() {
+            s += &format!("--- instance {i} ---\n");
+            s += &std::fs::read_to_string(p).unwrap_or_default();
+        }
+        if !self.old_logs.is_empty() {
+            s += "--- current instance ---\n";
+        }
+        s + &std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, then the same command again (same socket, tap, bridge...):
+    /// returns once the new instance listens.
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let n = self.old_logs.len() + 1;
+        let log = self.log.with_file_name(format!("daemon.{n}.log"));
+        self.old_logs
+            .push(std::mem::replace(&mut self.log, log.clone()));
+        self.child = std::process::Command::new(&self.argv[0])
+            .args(&self.argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("respawn vhost-user-net");
+        // The socket files of the killed instance remain: wait for the log.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("waiting for a frontend")
+        {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!(
+                    "restarted vhost-user-net exited ({st}):\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "restarted daemon not listening:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// SIGTERM, and the exit status.

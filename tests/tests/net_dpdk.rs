@@ -25,7 +25,7 @@ use outboard_tests::testpmd::{virtio_user, virtio_user_mq, Testpmd, PMD_MAC};
 struct Setup {
     daemon: NetDaemon,
     b: Netns,
-    _a: Netns,
+    a: Netns,
 }
 
 fn setup() -> Setup {
@@ -62,7 +62,7 @@ fn setup() -> Setup {
     );
     a.ip(&["link", "set", "va", "master", "obbr0"]);
     sandboxed(&daemon);
-    Setup { daemon, b, _a: a }
+    Setup { daemon, b, a }
 }
 
 /// The daemon dropped root and every capability, has the filter on and
@@ -144,6 +144,13 @@ fn testpmd_through_the_daemon() {
     let socket = s.daemon.socket.clone();
     assert!(s.daemon.terminate().success());
     assert!(!socket.exists(), "socket removed on SIGTERM");
+    // The tap it created was persistent while it served (to survive a
+    // crash); a clean exit removes it.
+    let gone = std::process::Command::new("ip")
+        .args(["-n", s.a.name(), "link", "show", "obtap0"])
+        .output()
+        .expect("ip");
+    assert!(!gone.status.success(), "tap removed on SIGTERM");
 }
 
 fn echo_phase(s: &Setup) {

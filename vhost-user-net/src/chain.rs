@@ -18,6 +18,11 @@ pub enum ChainError {
     /// The chain holds fewer bytes than a virtio-net header.
     #[error("chain shorter than the virtio-net header")]
     TooShort,
+    /// The chain ends on a descriptor that still has a next one: it loops
+    /// (longer than the queue), points past the table, or into an
+    /// unreadable or nested indirect table.
+    #[error("descriptor chain loops or leaves its table")]
+    Broken,
 }
 
 /// Appends the buffers of a chain to `iov` (all device-writable when
@@ -31,7 +36,11 @@ pub fn collect<M: GuestMemoryBackend + ?Sized>(
 ) -> Result<usize, ChainError> {
     let start = iov.len();
     let mut total = 0usize;
+    // `virtio-queue` ends the iteration quietly on a loop or a bad next
+    // index: the last descriptor then still says NEXT.
+    let mut more = false;
     for d in descs {
+        more = d.has_next();
         if d.is_write_only() != writable {
             iov.truncate(start);
             return Err(ChainError::WrongDirection);
@@ -50,7 +59,27 @@ pub fn collect<M: GuestMemoryBackend + ?Sized>(
         });
         total += len;
     }
+    if more {
+        iov.truncate(start);
+        return Err(ChainError::Broken);
+    }
     Ok(total)
+}
+
+/// Fails when the driver's available index is more than a queue size
+/// ahead of the device's: `virtio-queue` then pops nothing while
+/// `enable_notification` keeps reporting buffers, which would spin the
+/// engine's loop forever.
+pub fn check_avail<M: GuestMemoryBackend>(
+    q: &virtio_queue::Queue,
+    mem: &M,
+) -> Result<(), virtio_queue::Error> {
+    use virtio_queue::QueueT;
+    let avail = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)?;
+    if avail.0.wrapping_sub(q.next_avail()) > q.size() {
+        return Err(virtio_queue::Error::InvalidAvailRingIndex);
+    }
+    Ok(())
 }
 
 /// Copies `data` into the memory described by `iov`, starting `offset`

@@ -17,7 +17,7 @@ use std::os::fd::RawFd;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryBackend;
 
-use crate::chain::{collect, write_at};
+use crate::chain::{check_avail, collect, write_at};
 use crate::stats::QueueStats;
 use crate::virtio::{Negotiated, ETH_OVERHEAD, HDR_LEN, NUM_BUFFERS_OFFSET};
 
@@ -117,13 +117,20 @@ impl Rx {
         stats: &QueueStats,
         signal: &mut dyn FnMut(),
     ) -> Result<RxStop, RxError> {
+        // A bogus available index: fail before `virtio-queue` logs it on
+        // every pop (a guest could flood the log by kicking).
+        check_avail(q, mem).map_err(qerr)?;
         q.disable_notification(mem).map_err(qerr)?;
         let mut unsignalled = 0usize;
         let result = loop {
             match self.fill(q, mem, stats, &mut unsignalled) {
                 Ok(Fill::Enough) => {}
                 Ok(Fill::Short) => match q.enable_notification(mem) {
-                    Ok(true) => continue,
+                    // More is available although nothing could be popped?
+                    Ok(true) => match check_avail(q, mem) {
+                        Ok(()) => continue,
+                        Err(e) => break Err(qerr(e)),
+                    },
                     Ok(false) => break Ok(RxStop::NoBuffers),
                     Err(e) => break Err(qerr(e)),
                 },

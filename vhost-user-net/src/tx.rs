@@ -8,7 +8,7 @@ use std::os::fd::RawFd;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryBackend;
 
-use crate::chain::collect;
+use crate::chain::{check_avail, collect};
 use crate::stats::QueueStats;
 use crate::virtio::Negotiated;
 
@@ -65,6 +65,9 @@ impl Tx {
         stats: &QueueStats,
         signal: &mut dyn FnMut(),
     ) -> Result<(), TxError> {
+        // A bogus available index: fail before `virtio-queue` logs it on
+        // every pop (a guest could flood the log by kicking).
+        check_avail(q, mem).map_err(qerr)?;
         loop {
             q.disable_notification(mem).map_err(qerr)?;
             let mut unsignalled = 0usize;
@@ -87,6 +90,8 @@ impl Tx {
             if !q.enable_notification(mem).map_err(qerr)? {
                 return Ok(());
             }
+            // More is available although nothing could be popped?
+            check_avail(q, mem).map_err(qerr)?;
         }
     }
 

@@ -376,3 +376,181 @@ fn rx_waits_for_buffers_without_losing_the_frame() {
     assert_eq!(&got[..], &pkt[12..]);
     assert_eq!((get(&s.drops), get(&s.errors)), (0, 0));
 }
+
+/// Runs one engine pass on a helper thread (with its own handle on the
+/// guest memory) and fails if it does not return within 5 s: a hostile
+/// ring must not spin an engine forever. Returns the queue and the result.
+fn pass_within_5s(
+    m: &GuestMemoryMmap,
+    q: Queue,
+    fd: RawFd,
+    rx: bool,
+    s: &std::sync::Arc<QueueStats>,
+) -> (Queue, Result<(), String>) {
+    let (tx, done) = std::sync::mpsc::channel();
+    let (m, s) = (m.clone(), s.clone());
+    std::thread::spawn(move || {
+        let mut q = q;
+        let cfg = Negotiated::new(v1(0), MTU);
+        let r = if rx {
+            Rx::new(cfg, MTU)
+                .process(&mut q, &m, fd, &s, &mut || {})
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        } else {
+            Tx::new(cfg)
+                .process(&mut q, &m, fd, &s, &mut || {})
+                .map_err(|e| e.to_string())
+        };
+        let _ = tx.send((q, r));
+    });
+    done.recv_timeout(std::time::Duration::from_secs(5))
+        .expect("the engine returned (no endless loop)")
+}
+
+const IND: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+const NX: u16 = VRING_DESC_F_NEXT as u16;
+
+/// Writes raw descriptors into the table (index order) and makes `heads`
+/// available.
+fn raw_ring(vq: &MockSplitQueue<GuestMemoryMmap>, descs: &[(u64, u32, u16, u16)], heads: &[u16]) {
+    for (i, &(a, l, f, n)) in descs.iter().enumerate() {
+        let d = RawDescriptor::from(SplitDescriptor::new(a, l, f, n));
+        vq.desc_table().store(i as u16, d).expect("descriptor");
+    }
+    for (i, &h) in heads.iter().enumerate() {
+        vq.avail().ring().ref_at(i).expect("avail").store(h.to_le());
+    }
+    vq.avail().idx().store((heads.len() as u16).to_le());
+}
+
+/// Descriptor loops (to itself, back to the head), a next index past the
+/// table, a gigantic length, an indirect table outside memory and a nested
+/// indirect table on the TX ring: each chain is returned and counted as an
+/// error, nothing reaches the tap, and the valid chain after them does.
+#[test]
+fn tx_hostile_chains_are_counted_and_the_queue_keeps_serving() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, Q);
+    let (dev, test) = fake_tap();
+    let f = frame(100, 3);
+    m.write_slice(&f, GuestAddress(BUF + 12)).expect("frame");
+    let ind = BUF + 0x8000;
+    // A nested indirect table: its only entry is indirect again.
+    m.write_obj(
+        RawDescriptor::from(SplitDescriptor::new(ind, 16, IND, 0)),
+        GuestAddress(ind),
+    )
+    .expect("indirect entry");
+    raw_ring(
+        &vq,
+        &[
+            // 0: loops on itself.
+            (BUF, 12, NX, 0),
+            // 1-2: 2 -> 1 -> 2 ...
+            (BUF, 12, NX, 2),
+            (BUF + 12, 100, NX, 1),
+            // 3: next index past the table.
+            (BUF, 12, NX, 60000),
+            // 4-5: header, then 4 GiB - 1.
+            (BUF, 12, NX, 5),
+            (BUF + 12, u32::MAX, R, 0),
+            // 6: indirect table outside guest memory.
+            (MEM + 0x1000, 32, IND, 0),
+            // 7: indirect table whose entry is indirect.
+            (ind, 16, IND, 0),
+            // 8-9: valid.
+            (BUF, 12, NX, 9),
+            (BUF + 12, 100, R, 0),
+        ],
+        &[0, 1, 3, 4, 6, 7, 8],
+    );
+    let q: Queue = vq.create_queue().expect("queue");
+    let s = std::sync::Arc::new(QueueStats::default());
+    let (_, r) = pass_within_5s(&m, q, dev.as_raw_fd(), false, &s);
+    r.expect("tx pass");
+    assert_eq!(vq.used().idx().load(), 7, "every chain returned");
+    let got = recv(test.as_raw_fd()).expect("the valid frame");
+    assert_eq!(&got[12..], &f[..]);
+    assert!(recv(test.as_raw_fd()).is_none(), "nothing else on the tap");
+    assert_eq!(get(&s.errors), 6, "six hostile chains counted");
+    assert_eq!(get(&s.packets), 1);
+}
+
+/// The same hostile chains on the RX ring: completed empty and counted,
+/// and the frame waiting on the tap lands in the valid chain after them.
+#[test]
+fn rx_hostile_chains_are_counted_and_the_queue_keeps_serving() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, Q);
+    let (dev, test) = fake_tap();
+    let ind = BUF + 0x8000;
+    m.write_obj(
+        RawDescriptor::from(SplitDescriptor::new(ind, 16, IND, 0)),
+        GuestAddress(ind),
+    )
+    .expect("indirect entry");
+    raw_ring(
+        &vq,
+        &[
+            (BUF, 2048, W | NX, 0),
+            (BUF, 1024, W | NX, 2),
+            (BUF + 0x1000, 1024, W | NX, 1),
+            (BUF, 2048, W | NX, 60000),
+            (BUF, 12, W | NX, 5),
+            (BUF + 0x1000, u32::MAX, W, 0),
+            (MEM + 0x1000, 32, IND, 0),
+            (ind, 16, IND, 0),
+            (BUF + 0x4000, 2048, W, 0),
+        ],
+        &[0, 1, 3, 4, 6, 7, 8],
+    );
+    let pkt = frame(12 + 700, 8);
+    send(test.as_raw_fd(), &pkt);
+    let q: Queue = vq.create_queue().expect("queue");
+    let s = std::sync::Arc::new(QueueStats::default());
+    let (_, r) = pass_within_5s(&m, q, dev.as_raw_fd(), true, &s);
+    r.expect("rx pass");
+    assert_eq!(vq.used().idx().load(), 7, "every chain completed");
+    for i in 0..6 {
+        assert_eq!(used(&vq, i).1, 0, "hostile chain {i} completed empty");
+    }
+    assert_eq!(used(&vq, 6), (8, 712), "the frame in the valid chain");
+    let mut got = vec![0u8; 700];
+    m.read_slice(&mut got, GuestAddress(BUF + 0x4000 + 12))
+        .expect("frame");
+    assert_eq!(&got[..], &pkt[12..]);
+    assert_eq!(get(&s.errors), 6);
+    assert_eq!(get(&s.packets), 1);
+}
+
+/// An available index more than a queue size ahead (a driver bug or an
+/// attack): both engines end the pass with an error at once instead of
+/// spinning, and serve again once the index is sane.
+#[test]
+fn bogus_available_index_fails_the_pass_without_spinning() {
+    for rx_side in [false, true] {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, Q);
+        let (dev, test) = fake_tap();
+        let flags = if rx_side { W } else { R };
+        let mut n = 0;
+        add_chains(&vq, &mut n, &[&[(BUF, 12, flags), (BUF + 12, 100, flags)]]);
+        vq.avail().idx().store(1000u16.to_le());
+        send(test.as_raw_fd(), &frame(112, 1));
+        let q: Queue = vq.create_queue().expect("queue");
+        let s = std::sync::Arc::new(QueueStats::default());
+        let (q, r) = pass_within_5s(&m, q, dev.as_raw_fd(), rx_side, &s);
+        assert!(r.is_err(), "rx {rx_side}: the pass reports the broken ring");
+        assert_eq!(vq.used().idx().load(), 0);
+        // The driver repairs its index: the chain is served.
+        vq.avail().idx().store(1u16.to_le());
+        let (_, r) = pass_within_5s(&m, q, dev.as_raw_fd(), rx_side, &s);
+        r.expect("pass after the repair");
+        if !rx_side {
+            assert_eq!(recv(test.as_raw_fd()).map(|d| d.len()), Some(112));
+        }
+        assert_eq!(vq.used().idx().load(), 1, "rx {rx_side}: served again");
+        assert_eq!(get(&s.packets), 1);
+    }
+}
