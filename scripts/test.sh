@@ -79,9 +79,14 @@ if ((HAVE_NEXTEST)); then
     [[ -f "$NEXTEST_CONFIG" ]] || NEXTEST_CONFIG="$ROOT/scripts/nextest.toml"
     # Doc tests first (nextest can't run them), so nextest's summary closes the log.
     step doctests cargo test --profile ci --workspace --doc
+    # The integration tests run the daemons and the VMM as processes; cargo
+    # only builds a package's binaries for that package's own tests, so build
+    # every binary of the workspace first (vmm has no tests of its own).
+    step bins cargo build --profile ci --workspace --bins
     step tests cargo nextest run --cargo-profile ci \
         --config-file "$NEXTEST_CONFIG" --workspace --no-fail-fast --no-tests fail
 else
+    step bins cargo build --profile ci --workspace --bins
     # cargo test runs unit, integration and doc tests in one go.
     step tests cargo test --profile ci --workspace --no-fail-fast
 fi

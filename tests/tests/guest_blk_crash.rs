@@ -127,10 +127,13 @@ fn spawn(image: &Path, format: &str, sock: &Path, log: &Path) -> Child {
         // with a write-back cache a crash may drop unflushed writes, as a
         // volatile disk cache may. fio does not flush: serve qcow2 with a
         // write-through cache (every completed write is durable).
+        // Raw goes O_DIRECT + write-through so that writes stay in flight
+        // long enough for a kill to hit some (page-cache writes complete in
+        // microseconds, and a test whose kills hit nothing proves nothing).
         .args(if format == "qcow2" {
             &["--cache", "writethrough"][..]
         } else {
-            &[][..]
+            &["--direct", "--cache", "writethrough"][..]
         })
         .stdout(Stdio::null())
         .stderr(log)
