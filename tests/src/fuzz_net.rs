@@ -72,7 +72,8 @@ fn queue(size: u16, ring: [u64; 3], event_idx: bool) -> Option<Queue> {
 /// number of used-ring entries the engines wrote (a depth signal).
 ///
 /// Panics if an engine reports a used length larger than the chain it
-/// belongs to could hold (checked against the descriptor table in memory).
+/// belongs to could hold (checked against the descriptors as they were
+/// before the pass, when no device-writable buffer overlaps the rings).
 pub fn virtio_net_queues(data: &[u8]) -> u64 {
     let [flags, qlog, rx_lo, rx_hi, tx_lo, tx_hi, nframes, rest @ ..] = data else {
         return 0;
@@ -95,6 +96,8 @@ pub fn virtio_net_queues(data: &[u8]) -> u64 {
     let tx_idx = u16::from_le_bytes([*tx_lo, *tx_hi]);
     let _ = mem.write_obj(rx_idx.to_le(), GuestAddress(RX_RING[1] + 2));
     let _ = mem.write_obj(tx_idx.to_le(), GuestAddress(TX_RING[1] + 2));
+    let mut mem_before = vec![0u8; MEM_SIZE];
+    let _ = mem.read_slice(&mut mem_before, GuestAddress(0));
     let mut acked = 0;
     for (bit, f) in [
         (1, MRG_RXBUF),
@@ -136,15 +139,68 @@ pub fn virtio_net_queues(data: &[u8]) -> u64 {
             signals += 1
         });
     }
-    let rx_used = check_used(&mem, RX_RING, size, rxq.next_used());
-    let tx_used = check_used(&mem, TX_RING, size, txq.next_used());
-    u64::from(rx_used) + u64::from(tx_used)
+    if rings_stable(&mem_before, size) {
+        check_used(&mem, &mem_before, RX_RING, size, rxq.next_used());
+        check_used(&mem, &mem_before, TX_RING, size, txq.next_used());
+    }
+    u64::from(rxq.next_used()) + u64::from(txq.next_used())
+}
+
+/// A descriptor read from a memory image.
+fn desc_at(img: &[u8], at: u64) -> Option<(u64, u32, u16, u16)> {
+    let o = usize::try_from(at).ok()?;
+    let b = img.get(o..o.checked_add(16)?)?;
+    let u = |r: std::ops::Range<usize>| b[r].iter().rev().fold(0u64, |a, &x| a << 8 | u64::from(x));
+    Some((u(0..8), u(8..12) as u32, u(12..14) as u16, u(14..16) as u16))
+}
+
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
+
+/// Whether nothing the engines may write (used rings, device-writable
+/// buffers of any descriptor, direct or indirect) overlaps what they read
+/// to find chains (descriptor tables, available rings, indirect tables).
+/// A hostile guest may point buffers at its own rings; the engines then
+/// see descriptors change under them and the used lengths can no longer be
+/// checked against the descriptors as they were before.
+fn rings_stable(img: &[u8], size: u16) -> bool {
+    let n = u64::from(size);
+    let mut read = Vec::new();
+    let mut written = Vec::new();
+    for ring in [RX_RING, TX_RING] {
+        read.push((ring[0], ring[0] + 16 * n));
+        read.push((ring[1], ring[1] + 6 + 2 * n));
+        written.push((ring[2], ring[2] + 6 + 8 * n));
+        for i in 0..n {
+            let Some((addr, len, flags, _)) = desc_at(img, ring[0] + 16 * i) else {
+                continue;
+            };
+            let end = addr.saturating_add(u64::from(len));
+            if flags & 4 != 0 {
+                read.push((addr, end));
+                for j in 0..u64::from(len / 16).min(4096) {
+                    let Some((a, l, f, _)) = desc_at(img, addr.saturating_add(16 * j)) else {
+                        break;
+                    };
+                    if f & 2 != 0 {
+                        written.push((a, a.saturating_add(u64::from(l))));
+                    }
+                }
+            } else if flags & 2 != 0 {
+                written.push((addr, end));
+            }
+        }
+    }
+    !written
+        .iter()
+        .any(|w| read.iter().any(|r| overlaps(*w, *r)))
 }
 
 /// Walks the used entries written so far and checks each length against
 /// the capacity of the chain it names (the sum of its descriptors' lengths,
-/// following at most `size` links as the engine does). Returns the count.
-fn check_used(mem: &GuestMemoryMmap<()>, ring: [u64; 3], size: u16, next_used: u16) -> u16 {
+/// following at most `size` links as the engine does).
+fn check_used(mem: &GuestMemoryMmap<()>, before: &[u8], ring: [u64; 3], size: u16, next_used: u16) {
     for i in 0..next_used.min(size) {
         let at = ring[2] + 4 + 8 * u64::from(i);
         let (Ok(id), Ok(len)) = (
@@ -156,27 +212,18 @@ fn check_used(mem: &GuestMemoryMmap<()>, ring: [u64; 3], size: u16, next_used: u
         if len == 0 {
             continue;
         }
-        let cap = chain_capacity(mem, ring[0], size, id);
+        let cap = chain_capacity(before, ring[0], size, id);
         assert!(
             u64::from(len) <= cap,
             "used entry {i}: length {len} > chain {id} capacity {cap}"
         );
     }
-    next_used
 }
 
-/// Upper bound of the bytes chain `head` can hold: direct descriptors, or
-/// an indirect table's entries.
-fn chain_capacity(mem: &GuestMemoryMmap<()>, table: u64, size: u16, head: u32) -> u64 {
-    let desc = |table: u64, i: u64| -> Option<(u64, u32, u16, u16)> {
-        let at = table.checked_add(16 * i)?;
-        Some((
-            mem.read_obj::<u64>(GuestAddress(at)).ok()?,
-            mem.read_obj::<u32>(GuestAddress(at + 8)).ok()?,
-            mem.read_obj::<u16>(GuestAddress(at + 12)).ok()?,
-            mem.read_obj::<u16>(GuestAddress(at + 14)).ok()?,
-        ))
-    };
+/// Upper bound of the bytes chain `head` can hold in the memory image
+/// `img`: direct descriptors, or an indirect table's entries.
+fn chain_capacity(img: &[u8], table: u64, size: u16, head: u32) -> u64 {
+    let desc = |table: u64, i: u64| desc_at(img, table.checked_add(16 * i)?);
     let (mut table, mut limit, mut i) = (table, u64::from(size), u64::from(head));
     let mut cap = 0u64;
     let mut steps = 0u64;

@@ -6,8 +6,10 @@
 //!
 //! # Modules
 //! - [`cli`]: command line and its validation into a `Config`.
-//! - [`tap`]: opening the tap (one fd per queue pair), vnet header, offloads.
-//! - [`netlink`]: links up/down, MTU, bridges, addresses over rtnetlink.
+//! - [`tap`]: opening the tap (one fd per queue pair), vnet header, offloads,
+//!   carrier, persistence.
+//! - [`netlink`]: links up/down, MTU, bridges, addresses, aliases over
+//!   rtnetlink (setup only).
 //! - [`virtio`]: feature bits, negotiated settings, the configuration space.
 //! - [`chain`]: descriptor chains as iovecs into guest memory.
 //! - [`rx`]: tap → guest (readv into the chains, mergeable buffers).
@@ -17,6 +19,10 @@
 //! - [`backend`]: the `VhostUserBackend` adapter.
 //! - [`server`]: listening, re-listening after a disconnect, the tap on the epoll.
 //! - [`control`]: the JSON-lines control socket (counters).
+//!
+//! This file: setup ([`prepare`]: tap, bridge, the persistent tagged tap
+//! that survives a crash), then the sandbox ([`apply_seccomp`], `--user`)
+//! and serving ([`run`]).
 
 pub mod backend;
 pub mod chain;
