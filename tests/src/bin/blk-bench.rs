@@ -562,17 +562,6 @@ fn pin_to(tid: libc::pid_t, cpu: usize) -> std::io::Result<()> {
     }
 }
 
-/// Pins every thread of process `pid` to `cpu` (threads it starts later
-/// inherit the affinity of their creator).
-fn pin_process(pid: u32, cpu: usize) -> std::io::Result<()> {
-    for t in fs::read_dir(format!("/proc/{pid}/task"))? {
-        if let Some(tid) = t?.file_name().to_str().and_then(|s| s.parse().ok()) {
-            pin_to(tid, cpu)?;
-        }
-    }
-    Ok(())
-}
-
 fn run_daemon(
     args: &Args,
     round: usize,
@@ -581,6 +570,13 @@ fn run_daemon(
     rows: &mut Vec<Row>,
     notes: &mut Vec<String>,
 ) {
+    // A child inherits the CPU affinity of the thread that starts it, and
+    // its threads that of their creator: start the daemon from CPU D.
+    if let Some((_, cpu)) = args.pin {
+        if let Err(e) = pin_to(0, cpu) {
+            notes.push(format!("{backend}: cannot pin to CPU {cpu}: {e}"));
+        }
+    }
     let started = match backend {
         "qsd" => Daemon::qsd(cfg),
         _ => {
@@ -593,6 +589,11 @@ fn run_daemon(
             Daemon::spawn("vhost-user-blk", c, &cfg.socket, Duration::from_secs(10))
         }
     };
+    if let Some((cpu, _)) = args.pin {
+        if let Err(e) = pin_to(0, cpu) {
+            die(&format!("cannot pin the client back to CPU {cpu}: {e}"));
+        }
+    }
     let mut daemon = match started {
         Ok(d) => d,
         Err(e) => {
@@ -600,11 +601,6 @@ fn run_daemon(
             return;
         }
     };
-    if let (Some((_, cpu)), Some(pid)) = (args.pin, daemon.pid()) {
-        if let Err(e) = pin_process(pid, cpu) {
-            notes.push(format!("{backend}: cannot pin to CPU {cpu}: {e}"));
-        }
-    }
     match daemon.connect(&client_opts(args)) {
         Ok(mut client) => {
             run_all(args, round, backend, cfg.format, &mut client, rows, notes);
