@@ -1066,6 +1066,11 @@ impl Daemon {
         )
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// The name given at spawn (for messages).
     pub fn name(&self) -> &str {
         &self.name
