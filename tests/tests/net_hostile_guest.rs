@@ -368,6 +368,12 @@ fn a_hostile_queue_pair_does_not_stop_the_daemon_or_the_other_pair() {
     wait_until("pair 0 TX completed all five chains", &d, || {
         mem.used_idx(1) == 5
     });
+    // A frame can reach B before its queue thread bumps the counters.
+    wait_until("both TX queues counted their frame", &d, || {
+        let s = d.stats();
+        s["queues"][1]["packets"].as_u64() >= Some(1)
+            && s["queues"][3]["packets"].as_u64() >= Some(1)
+    });
     assert!(d.is_running(), "daemon died:\n{}", d.log_text());
     let stats = d.stats();
     let q = |i: usize, k: &str| stats["queues"][i][k].as_u64().expect("counter");
