@@ -5,7 +5,10 @@
 //!   follows: binding `--socket-path` (replacing a stale socket file),
 //!   taking over `--fd`, and the serve loop that listens again on the same
 //!   socket after each frontend disconnects.
+//! - [`cli`]: what both daemons' `main` shares: logging, error chains,
+//!   the `ctl` control-socket client.
 //! - [`sandbox`]: the seccomp filter and dropping root (`--seccomp`, `--user`).
 
+pub mod cli;
 pub mod sandbox;
 pub mod server;
