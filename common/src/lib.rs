@@ -7,8 +7,11 @@
 //!   socket after each frontend disconnects.
 //! - [`cli`]: what both daemons' `main` shares: logging, error chains,
 //!   the `ctl` control-socket client.
+//! - [`control`]: the JSON-lines control-socket server (tokio); each
+//!   daemon supplies its request handler.
 //! - [`sandbox`]: the seccomp filter and dropping root (`--seccomp`, `--user`).
 
 pub mod cli;
+pub mod control;
 pub mod sandbox;
 pub mod server;
