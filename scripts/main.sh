@@ -30,6 +30,7 @@ fi
 
 # 1. system packages
 ensure_apt_packages "${OUTBOARD_APT_PACKAGES[@]}"
+check_commands "${OUTBOARD_COMMANDS[@]}"
 require_cmd cargo "install the Rust toolchain (rustup) first"
 
 # 2. build

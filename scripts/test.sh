@@ -31,6 +31,7 @@ START=$SECONDS
 
 # --- 1. system packages -------------------------------------------------------
 ensure_apt_packages "${OUTBOARD_APT_PACKAGES[@]}"
+check_commands "${OUTBOARD_COMMANDS[@]}"
 
 # --- 2. Rust tools --------------------------------------------------------------
 require_cmd cargo "install the Rust toolchain (rustup) first"
