@@ -2,9 +2,23 @@
 //!
 //! The subcommands, flags and output follow qemu-img so that habits and
 //! scripts carry over: `create`, `info`, `check`, `snapshot`, `resize`,
-//! `convert` and `map`. This file holds the command line (clap derive), the
-//! dispatch, and the helpers every subcommand shares: error reporting,
-//! format selection and opening images.
+//! `convert` and `map`. It is a thin command line over the `qcow2` library
+//! crate and lives in its own crate so that users of the library do not pull
+//! in clap, indicatif or serde.
+//!
+//! # Modules
+//! - `main.rs` (this file): the command line (clap derive), the dispatch,
+//!   and the helpers every subcommand shares: error reporting ([`Failure`],
+//!   exit codes), format selection and opening images, qemu-style JSON.
+//! - [`create`]: `create` (qcow2 built under a temporary name, raw in place).
+//! - [`info`]: `info`, human and `--output json`, `--backing-chain`.
+//! - [`check`]: `check` and `check -r leaks|all`, with qemu-img's exit codes.
+//! - [`snapshot`]: `snapshot -l/-c/-a/-d`, and the snapshot table of `info`.
+//! - [`resize`]: `resize [+|-]SIZE`.
+//! - [`convert`]: `convert` between raw and qcow2, with `-p` progress.
+//! - [`map`]: `map`, human table and `--output json`.
+//! - [`size`]: sizes with qemu-img's suffixes, `-o` option strings, human
+//!   size printing.
 
 mod check;
 mod convert;
