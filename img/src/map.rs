@@ -185,13 +185,9 @@ fn map_chain(
                     });
                 }
             }
-            // Explicit zero clusters count as present only above a backing file
-            // (at the bottom they look like unallocated clusters).
-            _ => out.push(here(
-                e.start,
-                e.length,
-                e.data || (e.zero && backing.is_some()),
-            )),
+            // Present: allocated in this image, explicit zero clusters included
+            // (with or without a backing file, as qemu-img reports them).
+            _ => out.push(here(e.start, e.length, e.allocated)),
         }
     }
     Ok(end)

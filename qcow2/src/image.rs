@@ -75,6 +75,10 @@ pub struct MapExtent {
     pub offset: Option<u64>,
     /// Data is compressed.
     pub compressed: bool,
+    /// Allocated in this image: data, compressed data or an explicit zero
+    /// cluster (qemu-img map's "present" at depth 0). Unallocated runs
+    /// (depth 1, or zeros without a backing file) are not.
+    pub allocated: bool,
 }
 
 /// An open qcow2 image. `Sync`: share it between I/O threads with `Arc`.
@@ -715,51 +719,75 @@ impl Qcow2 {
         Ok(report)
     }
 
-    /// Allocation map of `[offset, offset+len)`.
+    /// Allocation map of `[offset, offset+len)`, as qemu's block status
+    /// reports it: runs of clusters with the same state and contiguous host
+    /// offsets. Explicit zero clusters are `allocated` (qemu-img map's
+    /// "present") whether or not there is a backing file, and keep the host
+    /// offset of a cluster still attached to them.
     pub fn map(&self, offset: u64, len: u64) -> Result<Vec<MapExtent>> {
+        /// Clusters looked up per hold of the metadata lock.
+        const BATCH: u32 = 1024;
         let _g = self.gate.read();
         check_range(offset, len, self.size())?;
+        let cs = self.geo.cs;
+        let end = offset + len;
         let mut out: Vec<MapExtent> = Vec::new();
         let mut pos = offset;
-        while pos < offset + len {
-            let (src, n) = {
-                let mut m = self.meta.lock();
-                self.map_run(&mut m, pos, offset + len - pos)?
-            };
-            let (data, zero, depth, host, compressed) = match src {
-                Source::Backing => (true, false, 1, None, false),
-                Source::Zero => (false, true, 0, None, false),
-                Source::Host(h) => (true, false, 0, Some(h), false),
-                Source::Compressed { .. } => (true, false, 0, None, true),
-            };
-            let ext = MapExtent {
-                start: pos,
-                length: n,
-                data,
-                zero,
-                depth,
-                offset: host,
-                compressed,
-            };
-            match out.last_mut() {
-                Some(l)
-                    if l.data == ext.data
-                        && l.zero == ext.zero
-                        && l.depth == ext.depth
-                        && l.compressed == ext.compressed
-                        && match (l.offset, ext.offset) {
-                            (Some(a), Some(b)) => a + l.length == b,
-                            (None, None) => true,
-                            _ => false,
-                        } =>
-                {
-                    l.length += n
+        while pos < end {
+            let mut m = self.meta.lock();
+            for _ in 0..BATCH {
+                if pos >= end {
+                    break;
                 }
-                _ => out.push(ext),
+                let in_c = pos & (cs - 1);
+                let n = (cs - in_c).min(end - pos);
+                let (e, _) = m.lookup(&self.file, pos >> self.geo.cluster_bits)?;
+                let ext = self.map_extent(e, pos, n, in_c);
+                match out.last_mut() {
+                    Some(l)
+                        if l.data == ext.data
+                            && l.zero == ext.zero
+                            && l.depth == ext.depth
+                            && l.compressed == ext.compressed
+                            && l.allocated == ext.allocated
+                            && match (l.offset, ext.offset) {
+                                (Some(a), Some(b)) => a + l.length == b,
+                                (None, None) => true,
+                                _ => false,
+                            } =>
+                    {
+                        l.length += n
+                    }
+                    _ => out.push(ext),
+                }
+                pos += n;
             }
-            pos += n;
         }
         Ok(out)
+    }
+
+    /// The map extent of `n` bytes at guest offset `pos` (`in_c` bytes into
+    /// its cluster) whose cluster has L2 entry `e`.
+    fn map_extent(&self, e: L2Entry, pos: u64, n: u64, in_c: u64) -> MapExtent {
+        let ext = |data, zero, depth, offset, compressed, allocated| MapExtent {
+            start: pos,
+            length: n,
+            data,
+            zero,
+            depth,
+            offset,
+            compressed,
+            allocated,
+        };
+        match e {
+            L2Entry::Unallocated if self.backing.is_some() => {
+                ext(true, false, 1, None, false, false)
+            }
+            L2Entry::Unallocated => ext(false, true, 0, None, false, false),
+            L2Entry::Zero(host) => ext(false, true, 0, host.map(|h| h + in_c), false, true),
+            L2Entry::Normal { host, .. } => ext(true, false, 0, Some(host + in_c), false, true),
+            L2Entry::Compressed { .. } => ext(true, false, 0, None, true, true),
+        }
     }
 }
 
