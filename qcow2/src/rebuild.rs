@@ -455,8 +455,10 @@ fn scan(file: &File, m: &mut Meta) -> Result<CheckReport> {
             ));
         }
     }
-    // COPIED flags in the active layer.
-    let mut prev_host = 0u64;
+    // COPIED flags in the active layer, and qemu-img's allocation figures:
+    // clusters with a host cluster (data or zero) count as allocated, and as
+    // fragmented when not right after the previous one of the same L2 table;
+    // compressed clusters are fragmented by nature.
     for (i, &e) in m.l1.clone().iter().enumerate() {
         let off = e & entry::OFFSET_MASK;
         if off == 0 {
@@ -472,6 +474,7 @@ fn scan(file: &File, m: &mut Meta) -> Result<CheckReport> {
         let Ok(t) = read_table(file, off, geo.cs / 8) else {
             continue;
         };
+        let mut prev_host = 0u64;
         for &raw in &t {
             match L2Entry::decode(raw, cb) {
                 L2Entry::Normal { host, .. } | L2Entry::Zero(Some(host))
@@ -485,17 +488,16 @@ fn scan(file: &File, m: &mut Meta) -> Result<CheckReport> {
                             "ERROR OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}"
                         ));
                     }
-                    if matches!(L2Entry::decode(raw, cb), L2Entry::Normal { .. }) {
-                        r.allocated_clusters += 1;
-                        if prev_host != 0 && host != prev_host + geo.cs {
-                            r.fragmented_clusters += 1;
-                        }
-                        prev_host = host;
+                    r.allocated_clusters += 1;
+                    if prev_host != 0 && host != prev_host + geo.cs {
+                        r.fragmented_clusters += 1;
                     }
+                    prev_host = host;
                 }
                 L2Entry::Compressed { .. } => {
                     r.allocated_clusters += 1;
                     r.compressed_clusters += 1;
+                    r.fragmented_clusters += 1;
                 }
                 _ => {}
             }
