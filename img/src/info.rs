@@ -204,7 +204,7 @@ pub fn run(g: Global, args: Args) -> CmdResult {
 
 /// Gathers the information about one image (its backing files not opened).
 pub fn collect(path: &Path, fmt: ImageFormat) -> Result<(Info, Vec<SnapshotInfo>), Failure> {
-    let meta = std::fs::metadata(path).map_err(|e| Failure::file(path, e.to_string()))?;
+    let meta = std::fs::metadata(path).map_err(|e| Failure::open(path, &e))?;
     let host_blocks = meta.blocks() * 512;
     // qemu reports file lengths (and raw sizes) in whole 512-byte sectors.
     let sectors = |n: u64| n.div_ceil(512) * 512;

@@ -148,6 +148,16 @@ impl Failure {
         }
     }
 
+    /// `file` could not be opened (or looked at): qemu-img's wording, with
+    /// strerror's text only.
+    pub fn open(file: impl AsRef<Path>, e: &std::io::Error) -> Self {
+        let file = file.as_ref();
+        Failure::file(
+            file,
+            format!("Could not open '{}': {}", file.display(), error_chain(e)),
+        )
+    }
+
     /// A library error about `file`, with its `source()` chain.
     pub fn lib(file: impl AsRef<Path>, e: &qcow2::Error) -> Self {
         let file = file.as_ref();

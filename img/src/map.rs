@@ -220,7 +220,7 @@ fn seek(file: &File, pos: u64, whence: libc::c_int) -> Result<u64, std::io::Erro
 
 /// Data and hole extents of a raw file between `start` and `end`.
 fn raw_entries(path: &Path, start: u64, end: u64) -> Result<Vec<Entry>, Failure> {
-    let f = File::open(path).map_err(|e| Failure::file(path, e.to_string()))?;
+    let f = File::open(path).map_err(|e| Failure::open(path, &e))?;
     let mut out = Vec::new();
     let mut pos = start;
     while pos < end {

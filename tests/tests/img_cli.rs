@@ -586,6 +586,24 @@ fn info_matches_qemu_img() {
     // -f given explicitly.
     assert_info_json_same(p, &["-f", "qcow2", "base.qcow2"], "-f qcow2");
     assert_info_json_same(p, &["-f", "raw", "base.qcow2"], "-f raw on a qcow2 file");
+    // A missing backing file: plain info works (backing files are not
+    // opened), --backing-chain fails with exit 1 and the same reason.
+    run_ok(
+        Qemu,
+        p,
+        "create -q -f qcow2 -u -b gone.qcow2 -F qcow2 orphan.qcow2 64M",
+    );
+    assert_info_json_same(p, &["orphan.qcow2"], "orphan");
+    for t in BOTH {
+        let o = run(t, p, "info --backing-chain orphan.qcow2");
+        assert_eq!(o.code, 1, "{}", o.show());
+        assert!(
+            o.stderr
+                .contains("Could not open 'gone.qcow2': No such file or directory\n"),
+            "{}",
+            o.show()
+        );
+    }
     // A missing file: both fail with exit 1.
     for t in BOTH {
         assert_eq!(run(t, p, "info nonexistent").code, 1, "{t:?}");
