@@ -48,6 +48,10 @@ pub struct Args {
         default_value = "human"
     )]
     output: OutputFormat,
+    /// Accepted for qemu-img compatibility: images are never locked, so
+    /// sharing them is always allowed (read-only uses only, as qemu-img).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Quiet: print nothing, only set the exit status.
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
@@ -98,6 +102,9 @@ pub fn run(_g: Global, args: Args) -> CmdResult {
         Repair::Leaks => RepairMode::Leaks,
         Repair::All => RepairMode::All,
     });
+    if repair.is_some() && args.force_share {
+        return Err(Failure::force_share_write(path));
+    }
     let opts = qcow2::OpenOptions {
         // An image marked corrupt may be opened read-write for repair only.
         repair: repair.is_some(),

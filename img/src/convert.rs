@@ -43,6 +43,10 @@ pub struct Args {
     #[arg(short = 'o', long = "target-options", value_name = "TGT_OPTS")]
     options: Vec<String>,
     /// Show a progress bar on stderr.
+    /// Accepted for qemu-img compatibility: images are never locked, so
+    /// sharing them is always allowed (read-only uses only, as qemu-img).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// Quiet operation.
@@ -58,6 +62,7 @@ pub struct Args {
 
 /// Runs `convert`.
 pub fn run(g: Global, args: Args) -> CmdResult {
+    let _ = args.force_share; // nothing is locked
     let out_fmt = args.target_format.unwrap_or(ImageFormat::Raw);
     let pairs = match parse_options(&args.options).map_err(Failure::msg)? {
         Options::Help => {

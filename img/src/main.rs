@@ -158,6 +158,18 @@ impl Failure {
         )
     }
 
+    /// `-U` given to a command that would write `file` (qemu-img refuses it).
+    pub fn force_share_write(file: impl AsRef<Path>) -> Self {
+        let file = file.as_ref();
+        Failure::file(
+            file,
+            format!(
+                "Could not open '{}': force-share=on can only be used with read-only images",
+                file.display()
+            ),
+        )
+    }
+
     /// A library error about `file`, with its `source()` chain.
     pub fn lib(file: impl AsRef<Path>, e: &qcow2::Error) -> Self {
         let file = file.as_ref();

@@ -47,6 +47,10 @@ pub struct Args {
     /// Map at most this many bytes (size suffixes allowed).
     #[arg(long = "max-length", value_name = "LENGTH")]
     max_length: Option<String>,
+    /// Accepted for qemu-img compatibility: images are never locked, so
+    /// sharing them is always allowed (read-only uses only, as qemu-img).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// The image file.
     #[arg(value_name = "FILE")]
     filename: PathBuf,
@@ -77,6 +81,7 @@ pub struct Entry {
 
 /// Runs `map`.
 pub fn run(g: Global, args: Args) -> CmdResult {
+    let _ = args.force_share; // nothing is locked
     let path = &args.filename;
     let fmt = format_of(path, args.format)?;
     let sz = |s: &Option<String>| -> Result<Option<u64>, Failure> {

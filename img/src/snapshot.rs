@@ -39,6 +39,10 @@ pub struct Args {
     /// Delete SNAPSHOT (name or ID).
     #[arg(short = 'd', long = "delete", value_name = "SNAPSHOT")]
     delete: Option<String>,
+    /// Accepted for qemu-img compatibility: images are never locked, so
+    /// sharing them is always allowed (read-only uses only, as qemu-img).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Quiet operation.
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
@@ -66,6 +70,9 @@ pub fn run(_g: Global, args: Args) -> CmdResult {
         }
         return Ok(0);
     };
+    if args.force_share {
+        return Err(Failure::force_share_write(path));
+    }
     let failed = |e: String| Failure::file(path, format!("Could not {op} snapshot '{name}': {e}"));
     let q = match open(path, args.format, &metadata_opts(false))? {
         Image::Qcow2(q) => q,

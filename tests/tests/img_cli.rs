@@ -1356,3 +1356,51 @@ fn map_matches_qemu_img() {
     );
     assert_json_covers(&o, &q, &[], "map", "range");
 }
+
+// ---------------------------------------------------------------------------
+// -U / --force-share
+
+/// `-U` is accepted by the commands that only read (info, check, map,
+/// snapshot -l, convert) with the same output as without it, and refused
+/// (exit 1, image unchanged) by those that write (check -r, snapshot -c),
+/// as qemu-img does. outboard-img never locks images, so it is a no-op.
+#[test]
+fn force_share_matches_qemu_img() {
+    let d = tmp();
+    let p = d.path();
+    make_base(p, "disk");
+    for cmd in [
+        "info -U disk",
+        "check -U disk",
+        "map -U --output json disk",
+        "snapshot -U -l disk",
+    ] {
+        let o = run(Ours, p, cmd);
+        let q = run(Qemu, p, cmd);
+        assert_eq!((o.code, q.code), (0, 0), "{}\n{}", o.show(), q.show());
+        let plain = run(Ours, p, &cmd.replace(" -U", ""));
+        assert_eq!(o.stdout, plain.stdout, "{cmd}: -U changed the output");
+    }
+    for t in BOTH {
+        let out = format!("{}.raw", t.name());
+        run_ok(t, p, &format!("convert -U -O raw disk {out}"));
+        assert_bytes_eq(
+            &content(p, "disk", "qcow2"),
+            &fs::read(p.join(&out)).expect("read"),
+            "convert -U",
+        );
+    }
+    for cmd in ["check -U -r leaks disk", "snapshot -U -c s disk"] {
+        for t in BOTH {
+            let o = run(t, p, cmd);
+            assert_eq!(o.code, 1, "{}", o.show());
+            assert!(
+                o.stderr
+                    .contains("force-share=on can only be used with read-only images"),
+                "{}",
+                o.show()
+            );
+        }
+    }
+    assert_snapshots_same(p, "disk", &[], "after refused -U writes");
+}
