@@ -616,17 +616,22 @@ impl Qcow2 {
         }
     }
 
-    /// Grows the virtual disk to `new_size` bytes (a multiple of 512).
+    /// Changes the virtual disk size to `new_size` bytes (a multiple of 512).
+    ///
+    /// Growing keeps the data and the new space reads as zeros. Shrinking
+    /// drops the clusters past the new end (as `qemu-img resize --shrink`):
+    /// the active layer's references to them go away in one metadata switch
+    /// (snapshots keep theirs), and the bytes of the last cluster past the
+    /// new end are zeroed first, so growing again never brings them back.
     pub fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;
+        let old = self.size();
+        if new_size < old && new_size % 512 == 0 {
+            self.zero_tail_of_last_cluster(new_size, old)?;
+        }
         let _g = self.gate.write();
         let mut m = self.meta.lock();
         let old = m.header.size;
-        if new_size < old {
-            return Err(Error::InvalidArgument(format!(
-                "shrinking from {old} to {new_size} bytes is not supported"
-            )));
-        }
         if new_size % 512 != 0 {
             return Err(Error::InvalidArgument(format!(
                 "size {new_size} is not a multiple of 512"
@@ -645,7 +650,15 @@ impl Qcow2 {
             ));
         }
         m.writeback(&self.file)?;
-        if needed <= m.l1.len() as u64 {
+        if new_size < old {
+            // The switch drops the L2 entries past the new end (and the L2
+            // tables and L1 entries left with nothing); refcounts are
+            // recomputed from what remains.
+            let mut state = crate::rebuild::State::current(&m);
+            state.active_l1.truncate((needed as usize).max(1));
+            state.size = new_size;
+            crate::rebuild::commit(&self.file, &mut m, state)?;
+        } else if needed <= m.l1.len() as u64 {
             m.header.size = new_size;
             m.write_header(&self.file)?;
             sync(&self.file)?;
@@ -656,6 +669,25 @@ impl Qcow2 {
             crate::rebuild::commit(&self.file, &mut m, state)?;
         }
         self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+
+    /// Before shrinking from `old` to `new_size`: zeroes the bytes of the
+    /// cluster holding `new_size` that lie past it, when that cluster has
+    /// data in this image.
+    fn zero_tail_of_last_cluster(&self, new_size: u64, old: u64) -> Result<()> {
+        let tail_end = new_size.next_multiple_of(self.geo.cs).min(old);
+        if tail_end <= new_size {
+            return Ok(());
+        }
+        let len = tail_end - new_size;
+        let has_data = self
+            .map(new_size, len)?
+            .iter()
+            .any(|e| e.depth == 0 && e.data);
+        if has_data {
+            self.write_zero_bytes(new_size, len)?;
+        }
         Ok(())
     }
 

@@ -14,7 +14,7 @@
 //! - [`image`]: [`Qcow2`], the open image: read/write/discard/flush, resize,
 //!   snapshots, check and repair.
 //! - `meta`: cached metadata under the image mutex and its ordered writeback.
-//! - `rebuild`: snapshot create/apply/delete, L1 growth, refcount rebuild and
+//! - `rebuild`: snapshot create/apply/delete, L1 growth, shrinking, refcount rebuild and
 //!   check, all through one atomic metadata switch.
 //! - `create`: writing a new empty image.
 //! - [`check`]: check report types.
@@ -45,7 +45,7 @@
 //! cluster: a crash at any point can leak clusters (repairable with
 //! `check -r leaks`) but never corrupt the image.
 //!
-//! Snapshot create, apply and delete, L1 growth, the refcount rebuild of a
+//! Snapshot create, apply and delete, L1 growth, shrinking, the refcount rebuild of a
 //! dirty image and `check -r` change refcounts *and* COPIED flags at once,
 //! which no ordering of in-place writes can do without a window that
 //! `qemu-img check` reports as corruption. They write a complete new set of

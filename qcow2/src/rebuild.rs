@@ -6,7 +6,7 @@
 //!
 //! Refcounts and COPIED flags can't be updated together on disk any other
 //! way, and `qemu-img check` counts a mismatch between them as corruption,
-//! so snapshot create/apply/delete, L1 growth, dirty-bit refcount rebuild and
+//! so snapshot create/apply/delete, L1 growth, shrinking, dirty-bit refcount rebuild and
 //! `check -r` all go through here. Before the switch the old image is intact;
 //! after it the new one is; old metadata becomes free space (punched out).
 //!
@@ -168,13 +168,23 @@ pub fn commit(file: &File, m: &mut Meta, state: State) -> Result<()> {
         walk_tree(file, &geo, &mut refs, &l1);
     }
     // Active L2 tables are read, their data counted, and copied below.
+    // Entries for guest clusters at or past the end of the disk (what a
+    // shrink cut off) are dropped, and a table left empty is not kept.
+    let guest_clusters = state.size.div_ceil(cs);
+    let per_l2 = cs / 8;
     let mut tables: Vec<(usize, Vec<u64>)> = Vec::new();
     let mut scratch = Refs::new(base, cb)?;
     for (i, &e) in state.active_l1.iter().enumerate() {
         if e & entry::OFFSET_MASK == 0 {
             continue;
         }
-        if let Some(t) = read_l2(file, &geo, &mut scratch, e, i) {
+        if let Some(mut t) = read_l2(file, &geo, &mut scratch, e, i) {
+            let first = i as u64 * per_l2;
+            let keep = (guest_clusters.saturating_sub(first).min(per_l2) as usize).min(t.len());
+            t[keep..].fill(0);
+            if keep == 0 {
+                continue;
+            }
             add_l2_entries(&geo, &mut refs, &t);
             tables.push((i, t));
         }
