@@ -1,11 +1,12 @@
-//! `resize`: change the virtual size (qemu-img resize). qcow2 images can
-//! only grow; raw files grow, or shrink with `--shrink`.
+//! `resize`: change the virtual size (qemu-img resize). Raw files and qcow2
+//! images grow, or shrink with `--shrink` (the data past the new end is
+//! dropped; qcow2 snapshots keep theirs).
 
 use std::path::PathBuf;
 
 use qcow2::{BlockImage, ImageFormat};
 
-use crate::size::{parse_resize, size_to_str};
+use crate::size::parse_resize;
 use crate::{metadata_opts, open, parse_format, CmdResult, Failure, Global, Image};
 
 const AFTER_HELP: &str = "\
@@ -16,7 +17,8 @@ inside the guest afterwards.
 Examples:
   outboard-img resize disk.qcow2 +10G
   outboard-img resize disk.qcow2 100G
-  outboard-img resize -f raw --shrink disk.img -1G";
+  outboard-img resize -f raw --shrink disk.img -1G
+  outboard-img resize --shrink disk.qcow2 10G";
 
 /// `resize` arguments.
 #[derive(Debug, clap::Args)]
@@ -25,7 +27,7 @@ pub struct Args {
     /// Format of FILE (raw or qcow2); probed if omitted.
     #[arg(short = 'f', long = "format", value_name = "FMT", value_parser = parse_format)]
     format: Option<ImageFormat>,
-    /// Allow making the image smaller (raw only; data past the new end is lost).
+    /// Allow making the image smaller (data past the new end is lost).
     #[arg(long = "shrink")]
     shrink: bool,
     /// Preallocation of the new area; only "off" is supported.
@@ -62,35 +64,18 @@ pub fn run(_g: Global, args: Args) -> CmdResult {
         .filter(|&n| n > 0)
         .ok_or_else(|| Failure::msg("New image size must be positive."))?;
     if new_size < current && !args.shrink {
-        return Err(Failure::msg(
-            "Use the --shrink option to perform a shrink operation.",
-        ));
+        // As qemu-img: the error, then the warning, exit 1.
+        eprintln!("outboard-img: Use the --shrink option to perform a shrink operation.");
+        shrink_warning();
+        return Ok(1);
     }
     match img {
         Image::Qcow2(q) => {
-            if new_size < current {
-                return Err(Failure::file(
-                    path,
-                    format!(
-                        "shrinking qcow2 images is not supported (current size {}, {} \
-                         bytes)",
-                        size_to_str(current),
-                        current
-                    ),
-                ));
-            }
             q.resize(new_size)
                 .and_then(|()| q.flush())
                 .map_err(|e| Failure::lib_ctx(path, "Could not resize image", &e))?;
         }
         Image::Raw(_) => {
-            if new_size < current {
-                eprintln!(
-                    "outboard-img: warning: Shrinking an image will delete all data beyond the \
-                     shrunken image's end. Before performing such an operation, make sure there \
-                     is no important data there."
-                );
-            }
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .open(path)
@@ -104,4 +89,13 @@ pub fn run(_g: Global, args: Args) -> CmdResult {
         println!("Image resized.");
     }
     Ok(0)
+}
+
+/// qemu-img's warning when it refuses a shrink without --shrink.
+fn shrink_warning() {
+    eprintln!(
+        "outboard-img: warning: Shrinking an image will delete all data beyond the shrunken \
+         image's end. Before performing such an operation, make sure there is no important data \
+         there."
+    );
 }
