@@ -1470,3 +1470,35 @@ fn force_share_matches_qemu_img() {
     }
     assert_snapshots_same(p, "disk", &[], "after refused -U writes");
 }
+
+/// An image whose header carries the "corrupt" bit (incompatible feature
+/// bit 1) but whose metadata is fine: info shows `corrupt: true` the same
+/// way, check gives the same result, and `check -r all` with either tool
+/// clears the bit.
+#[test]
+fn corrupt_bit_matches_qemu_img() {
+    let dirs = two_dirs();
+    for t in BOTH {
+        let d = dir_of(t, &dirs);
+        make_base(d, "disk");
+        let inc = read_be64(&d.join("disk"), hdr::INCOMPAT);
+        patch_be64(&d.join("disk"), hdr::INCOMPAT, inc | 2);
+        let q = assert_info_json_same(d, &["disk"], "corrupt bit");
+        assert_eq!(q["format-specific"]["data"]["corrupt"], true, "{q:#}");
+        assert_info_text_same(d, &["disk"], "corrupt bit");
+        let o = run(Ours, d, "check --output json disk");
+        let q = run(Qemu, d, "check --output json disk");
+        assert_eq!(o.code, q.code, "{}\n{}", o.show(), q.show());
+        let (oj, qj): (Value, Value) = (
+            serde_json::from_str(&o.stdout).expect("check JSON"),
+            serde_json::from_str(&q.stdout).expect("check JSON"),
+        );
+        assert_json_covers(&oj, &qj, &[], "check", "corrupt bit");
+        run_ok(t, d, "check -r all disk");
+        let q = assert_info_json_same(d, &["disk"], "after -r all");
+        assert_eq!(
+            q["format-specific"]["data"]["corrupt"], false,
+            "{t:?}: {q:#}"
+        );
+    }
+}
