@@ -116,7 +116,7 @@ pub fn run(_g: Global, args: Args) -> CmdResult {
             .map_err(|e| Failure::lib_ctx(path, "Check failed", &e))
     };
     let mut report = checked(repair)?;
-    print_messages(&report, args.quiet);
+    print_messages(&report, args.quiet, report.leaks_fixed > 0);
     if report.leaks_fixed > 0 || report.corruptions_fixed > 0 {
         if args.output == OutputFormat::Human && !args.quiet {
             println!(
@@ -129,7 +129,7 @@ pub fn run(_g: Global, args: Args) -> CmdResult {
             .map_err(|e| Failure::lib_ctx(path, "Repair failed", &e))?;
         let (leaks_fixed, corruptions_fixed) = (report.leaks_fixed, report.corruptions_fixed);
         report = checked(None)?;
-        print_messages(&report, args.quiet);
+        print_messages(&report, args.quiet, false);
         report.leaks_fixed = leaks_fixed;
         report.corruptions_fixed = corruptions_fixed;
     }
@@ -165,11 +165,21 @@ pub fn run(_g: Global, args: Args) -> CmdResult {
     })
 }
 
-/// Per-problem lines go to stderr, as qemu-img prints them.
-fn print_messages(report: &CheckReport, quiet: bool) {
-    if !quiet {
+/// Per-problem lines go to stderr, as qemu-img prints them; when the leaks
+/// were repaired, qemu-img's "Repairing cluster" line for each leaked
+/// cluster follows them (the rebuild freed them all at once).
+fn print_messages(report: &CheckReport, quiet: bool, leaks_repaired: bool) {
+    if quiet {
+        return;
+    }
+    for m in &report.messages {
+        eprintln!("{m}");
+    }
+    if leaks_repaired {
         for m in &report.messages {
-            eprintln!("{m}");
+            if let Some(rest) = m.strip_prefix("Leaked cluster ") {
+                eprintln!("Repairing cluster {rest}");
+            }
         }
     }
 }
