@@ -101,6 +101,21 @@ pub fn run(g: Global, args: Args) -> CmdResult {
     let end = range_end(size, start, max_len);
     let mut entries = Vec::new();
     map_chain(g, path, fmt, start, end, 0, &mut entries)?;
+    if entries.is_empty() {
+        // An empty range (--max-length 0, or a start at or past the end):
+        // qemu-img still prints its one zero-length, all-false entry.
+        entries.push(Entry {
+            start,
+            length: 0,
+            depth: 0,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+            filename: None,
+        });
+    }
     // Like qemu-img, print what was rendered before an extent it cannot show.
     let (text, result) = render(entries, args.output);
     print!("{text}");

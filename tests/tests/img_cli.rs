@@ -1412,36 +1412,27 @@ fn map_matches_qemu_img() {
     run_ok(Ours, p, "snapshot -c s snap.qcow2");
     qemu_io_in(p, "snap.qcow2", &["write -P 3 0 64k", "write -z 4M 64k"]);
     assert_map_same(p, "snap.qcow2", "after a snapshot");
-    // A range.
-    let o = json(
-        Ours,
-        p,
-        &[
-            "map",
-            "--output",
-            "json",
-            "--start-offset",
-            "1M",
-            "--max-length",
-            "8M",
-            "top.qcow2",
-        ],
-    );
-    let q = json(
-        Qemu,
-        p,
-        &[
-            "map",
-            "--output",
-            "json",
-            "--start-offset",
-            "1M",
-            "--max-length",
-            "8M",
-            "top.qcow2",
-        ],
-    );
-    assert_json_covers(&o, &q, &[], "map", "range");
+    // Ranges, empty ones included (qemu-img then prints one zero-length
+    // entry), on qcow2 and raw.
+    for (range, img) in [
+        ("--start-offset 1M --max-length 8M", "top.qcow2"),
+        ("--start-offset 3M --max-length 1234567", "base.raw"),
+        ("--start-offset 1M --max-length 0", "top.qcow2"),
+        ("--start-offset 100M", "top.qcow2"),
+        ("--start-offset 64M", "base.raw"),
+    ] {
+        let cmd = format!("map --output json {range} {img}");
+        let args: Vec<&str> = cmd.split_whitespace().collect();
+        let o = json(Ours, p, &args);
+        let q = json(Qemu, p, &args);
+        assert_json_covers(&o, &q, &[], "map", &cmd);
+        let human = format!("map {range} {img}");
+        assert_eq!(
+            run(Ours, p, &human).stdout,
+            run(Qemu, p, &human).stdout,
+            "{human}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
