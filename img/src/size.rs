@@ -335,7 +335,7 @@ impl CreateSpec {
             );
         }
         if self.backing_fmt.is_some() && self.backing_file.is_none() {
-            return Err("Backing format specified without a backing file".into());
+            return Err("Backing format cannot be used without backing file".into());
         }
         Ok(())
     }

@@ -537,6 +537,23 @@ fn create_refusals_exit_1() {
         let o = run(t, d.path(), "create -f qcow2 -o cluster_size=1000 y 1M");
         assert_eq!(o.code, 1, "{}", o.show());
     }
+    // A backing format without a backing file, a missing backing file (its
+    // size is needed): both refuse, with the same reason.
+    for cmd in [
+        "create -f qcow2 -F qcow2 z 1G",
+        "create -f qcow2 -b gone -F qcow2 z",
+    ] {
+        let o = run(Ours, d.path(), cmd);
+        let q = run(Qemu, d.path(), cmd);
+        assert_eq!((o.code, q.code), (1, 1), "{}\n{}", o.show(), q.show());
+        // The reason at the end of the first line (qemu-img adds a second
+        // line "Could not open backing image.").
+        let reason = |e: &str| {
+            let first = e.lines().next().unwrap_or("");
+            first.rsplit(": ").next().unwrap_or("").to_string()
+        };
+        assert_eq!(reason(&o.stderr), reason(&q.stderr), "{cmd}");
+    }
 }
 
 // ---------------------------------------------------------------------------
