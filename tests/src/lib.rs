@@ -498,9 +498,16 @@ pub fn workspace_binary(name: &str) -> PathBuf {
         .and_then(Path::parent)
         .expect("target/<profile>");
     let bin = dir.join(name);
+    // target/<profile>: "debug" is the dev profile, anything else is named.
+    let profile = match dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => String::new(),
+        Some("release") => " --release".to_string(),
+        Some(p) => format!(" --profile {p}"),
+    };
     assert!(
         bin.exists(),
-        "{} is missing: build it with `cargo build -p {name}` (the workspace test run builds it)",
+        "{} is missing: build it with `cargo build{profile} --bins` (scripts/test.sh builds \
+         every binary of the workspace before the tests)",
         bin.display()
     );
     bin
