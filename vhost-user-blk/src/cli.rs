@@ -1,8 +1,8 @@
 //! Command line (QEMU's vhost-user backend program conventions plus our
 //! options) and its validation into a [`Config`].
 
-pub use outboard_common::daemon::Listen;
-use outboard_common::daemon::{DaemonConfig, DaemonOptions, OptionsError};
+pub use outboard_common::daemon::{DaemonConfig, Listen};
+use outboard_common::daemon::{DaemonOptions, OptionsError};
 pub use outboard_common::size::parse_size;
 use std::path::PathBuf;
 use std::time::Duration;
