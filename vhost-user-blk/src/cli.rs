@@ -253,4 +253,48 @@ mod tests {
         assert!(parse_size("G").is_err());
         assert!(parse_size("99999999999T").is_err());
     }
+
+    #[test]
+    fn shared_options_keep_their_names_and_help() {
+        use clap::{CommandFactory, Parser};
+        let a = Args::try_parse_from([
+            "vhost-user-blk",
+            "--socket-path",
+            "/s",
+            "--blk-file",
+            "disk.img",
+            "--control-socket",
+            "/c",
+            "--log-level",
+            "debug",
+            "--seccomp",
+            "off",
+            "--user",
+            "nobody",
+            "--socket-mode",
+            "0660",
+        ])
+        .expect("parse");
+        assert_eq!(a.daemon.log_level, log::LevelFilter::Debug);
+        let c = Config::try_from(a).expect("valid");
+        assert!(matches!(c.daemon.listen, Listen::Path(ref p) if p.as_os_str() == "/s"));
+        assert_eq!(c.daemon.socket_mode, Some(0o660));
+        assert_eq!(c.daemon.user.as_deref(), Some("nobody"));
+        assert!(c.daemon.control_socket.is_some());
+        assert!(matches!(
+            Args::try_parse_from(["vhost-user-blk", "--blk-file", "disk.img"])
+                .map(Config::try_from),
+            Ok(Err(ConfigError::Daemon(_)))
+        ));
+        let help = Args::command().render_long_help().to_string();
+        for s in [
+            "Examples:",
+            "/run/vm0-disk.sock",
+            "--fd <FDNUM>",
+            "--print-capabilities",
+            "ctl ",
+        ] {
+            assert!(help.contains(s), "--help lacks {s:?}");
+        }
+    }
 }

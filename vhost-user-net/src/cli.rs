@@ -308,4 +308,47 @@ mod tests {
         assert_eq!(parse_netmask("ffff:ffff::", v6), Some(32));
         assert_eq!(parse_netmask("255.255.255.0", v6), None);
     }
+
+    #[test]
+    fn shared_options_keep_their_names_and_help() {
+        use clap::{CommandFactory, Parser};
+        let a = Args::try_parse_from([
+            "vhost-user-net",
+            "--socket-path",
+            "/s",
+            "--tap",
+            "vm0",
+            "--control-socket",
+            "/c",
+            "--log-level",
+            "debug",
+            "--seccomp",
+            "off",
+            "--user",
+            "nobody",
+            "--socket-mode",
+            "0660",
+        ])
+        .expect("parse");
+        assert_eq!(a.daemon.log_level, log::LevelFilter::Debug);
+        let c = Config::try_from(a).expect("valid");
+        assert!(matches!(c.daemon.listen, Listen::Path(ref p) if p.as_os_str() == "/s"));
+        assert_eq!(c.daemon.socket_mode, Some(0o660));
+        assert_eq!(c.daemon.user.as_deref(), Some("nobody"));
+        assert!(c.daemon.control_socket.is_some());
+        assert!(matches!(
+            Args::try_parse_from(["vhost-user-net", "--tap", "vm0"]).map(Config::try_from),
+            Ok(Err(ConfigError::Daemon(_)))
+        ));
+        let help = Args::command().render_long_help().to_string();
+        for s in [
+            "Examples:",
+            "/run/vm0-net.sock",
+            "--fd <FDNUM>",
+            "--print-capabilities",
+            "ctl ",
+        ] {
+            assert!(help.contains(s), "--help lacks {s:?}");
+        }
+    }
 }
