@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # scripts/test.sh — THE test command for Outboard (CI runs exactly this via .ci/run).
 #
-# 1. installs the system packages the tests need (apt-get; skipped when present),
+# 1. installs the system packages the tests need (one apt transaction; nothing when all are
+#    present) and runs every command the tests call (scripts/lib.sh: OUTBOARD_COMMANDS),
 # 2. checks the Rust tools (cargo, rustfmt, clippy, cargo-nextest),
 # 3. runs: cargo fmt --check, cargo clippy -D warnings, the doc tests, and every
 #    test of the workspace with cargo-nextest (falls back to `cargo test` when
 #    nextest is missing),
-# 4. prints a summary and exits non-zero if any step failed.
+# 4. prints a summary (steps, and every skipped test with its reason) and exits non-zero
+#    if any step failed. Under CI=true only a missing /dev/kvm may skip a test: anything
+#    this script installs is never a reason to skip (tests/src/skip.rs fails instead).
 #
 # All steps run even if an earlier one fails, so one run shows every problem.
 # Tests build with the `ci` cargo profile of the root Cargo.toml (dev + opt-level 1).
@@ -20,7 +23,7 @@ cd "$ROOT"
 source "$ROOT/scripts/lib.sh"
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 (($# == 0)) || die "scripts/test.sh takes no arguments (see --help)"
@@ -28,6 +31,11 @@ fi
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
 START=$SECONDS
+
+# Tests that cannot run here append "test<TAB>reason" to this file (tests/src/skip.rs).
+export OUTBOARD_SKIP_LOG="$ROOT/target/skipped-tests.tsv"
+mkdir -p "$ROOT/target"
+rm -f "$OUTBOARD_SKIP_LOG"
 
 # --- 1. system packages -------------------------------------------------------
 ensure_apt_packages "${OUTBOARD_APT_PACKAGES[@]}"
@@ -97,6 +105,29 @@ printf '\n==> scripts/test.sh summary\n'
 for i in "${!STEP_NAMES[@]}"; do
     printf '    %-10s %-18s %5ss\n' "${STEP_NAMES[$i]}" "${STEP_RESULTS[$i]}" "${STEP_TIMES[$i]}"
 done
+if [[ -e /dev/kvm ]]; then
+    KVM="/dev/kvm present$([[ -d /sys/module/kvm_pvm ]] && echo ' (PVM)'): the VMM tests ran"
+else
+    KVM="/dev/kvm ABSENT: the VMM tests that boot a guest were skipped (listed below)"
+fi
+printf '    %s\n' "$KVM"
+if [[ -s "$OUTBOARD_SKIP_LOG" ]]; then
+    printf '    skipped tests: %s\n' "$(wc -l <"$OUTBOARD_SKIP_LOG")"
+    sort "$OUTBOARD_SKIP_LOG" | while IFS=$'\t' read -r t why; do
+        printf '      %s: %s\n' "$t" "$why"
+    done
+else
+    printf '    skipped tests: none\n'
+fi
+# Tests marked #[ignore] never run here; list them with their reasons too.
+IGNORED="$({ grep -rn --include='*.rs' -A1 '#\[ignore = ' -- */src */tests 2>/dev/null || true; } |
+    awk '/#\[ignore = "/ { match($0, /#\[ignore = "[^"]*"/); why = substr($0, RSTART + 12, RLENGTH - 13)
+                           split($0, a, ":"); file = a[1]; next }
+         /fn [a-z0-9_]+\(/ && why != "" { match($0, /fn [a-z0-9_]+/)
+                               printf "      %s::%s: %s\n", file, substr($0, RSTART + 3, RLENGTH - 3), why; why = "" }')"
+if [[ -n "$IGNORED" ]]; then
+    printf '    tests marked #[ignore] (not run by this script):\n%s\n' "$IGNORED"
+fi
 TOTAL=$((SECONDS - START))
 if ((FAILED)); then
     printf '==> scripts/test.sh: FAILED after %ss (see the steps marked FAILED above)\n' "$TOTAL"

@@ -626,13 +626,13 @@ impl Qcow2 {
     pub fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;
         let old = self.size();
-        if new_size < old && new_size % 512 == 0 {
+        if new_size < old && new_size.is_multiple_of(512) {
             self.zero_tail_of_last_cluster(new_size, old)?;
         }
         let _g = self.gate.write();
         let mut m = self.meta.lock();
         let old = m.header.size;
-        if new_size % 512 != 0 {
+        if !new_size.is_multiple_of(512) {
             return Err(Error::InvalidArgument(format!(
                 "size {new_size} is not a multiple of 512"
             )));

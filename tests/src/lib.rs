@@ -5,7 +5,8 @@
 //! The tests themselves live in `tests/*.rs`, one file per theme; the body of
 //! the fuzz target lives in [`fuzz_body`] so that `cargo fuzz` and the stable
 //! smoke test run the same code. [`blkio_client`] is the libblkio
-//! (vhost-user-blk frontend) client and block conformance suite.
+//! (vhost-user-blk frontend) client and block conformance suite. A test that
+//! cannot run here says so through [`skip`], which CI counts and prints.
 
 pub mod blkio_client;
 pub mod fuzz_blk;
@@ -13,6 +14,7 @@ pub mod fuzz_body;
 pub mod guest;
 pub mod netd;
 pub mod netns;
+pub mod skip;
 pub mod testpmd;
 
 use std::ffi::OsStr;

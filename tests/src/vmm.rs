@@ -28,7 +28,8 @@ pub struct VmmGuest {
     pub pvm: bool,
 }
 
-/// Why a VMM test cannot run here, or the guest to use.
+/// Why a VMM test cannot run here, or the guest to use. A missing `/dev/kvm` is recorded
+/// as the calling test's skip ([`crate::skip`]); nothing else makes it skip.
 pub fn guest_or_skip() -> Result<VmmGuest, String> {
     guest_or_skip_with(false)
 }
@@ -41,7 +42,9 @@ pub fn guest_with_fio_or_skip() -> Result<VmmGuest, String> {
 
 fn guest_or_skip_with(fio: bool) -> Result<VmmGuest, String> {
     if !Path::new("/dev/kvm").exists() {
-        return Err("/dev/kvm is absent".into());
+        let why = "/dev/kvm is absent (the VMM needs KVM)";
+        crate::skip::skip(crate::skip::Missing::Kvm, why);
+        return Err(why.into());
     }
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
     if !pvm {

@@ -5,7 +5,8 @@
 //! daemon by swapping the daemon started in `run_case`.
 //!
 //! Every test starts its own qemu-storage-daemon on a fresh 64 MiB image.
-//! When qemu-storage-daemon is not installed the tests print why and pass
+//! When qemu-storage-daemon is not installed the tests are recorded as skipped
+//! with the reason (`outboard_tests::skip`); under CI=true that fails instead
 //! (Debian 12: `qemu-system-common`, pulled in by `qemu-system-x86`).
 
 use std::path::Path;
@@ -19,7 +20,10 @@ const QUEUES: usize = 2;
 
 fn run_case(format: Format, case: Case) {
     if let Err(why) = qsd_available() {
-        eprintln!("SKIPPED: qemu-storage-daemon is not available: {why}");
+        outboard_tests::skip::skip(
+            outboard_tests::skip::Missing::Installed,
+            &format!("qemu-storage-daemon is not available: {why}"),
+        );
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir for the image and the socket");
@@ -100,7 +104,10 @@ qsd_cases!(
 #[test]
 fn whole_suite_raw() {
     if let Err(why) = qsd_available() {
-        eprintln!("SKIPPED: qemu-storage-daemon is not available: {why}");
+        outboard_tests::skip::skip(
+            outboard_tests::skip::Missing::Installed,
+            &format!("qemu-storage-daemon is not available: {why}"),
+        );
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -125,7 +132,10 @@ fn whole_suite_raw() {
 /// A read-only export (`writable=off`): see `case_read_only`.
 fn run_read_only(format: Format) {
     if let Err(why) = qsd_available() {
-        eprintln!("SKIPPED: qemu-storage-daemon is not available: {why}");
+        outboard_tests::skip::skip(
+            outboard_tests::skip::Missing::Installed,
+            &format!("qemu-storage-daemon is not available: {why}"),
+        );
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
