@@ -11,7 +11,7 @@
 use std::fmt;
 
 /// Largest size qemu-img accepts (`INT64_MAX`).
-pub const MAX_SIZE: u64 = i64::MAX as u64;
+pub const MAX_SIZE: u64 = outboard_common::size::MAX_SIZE;
 
 /// Why a size string was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,76 +36,14 @@ impl fmt::Display for SizeError {
     }
 }
 
-fn suffix_multiplier(c: char) -> Option<u64> {
-    Some(match c {
-        'b' | 'B' => 1,
-        'k' | 'K' => 1 << 10,
-        'm' | 'M' => 1 << 20,
-        'g' | 'G' => 1 << 30,
-        't' | 'T' => 1 << 40,
-        'p' | 'P' => 1 << 50,
-        'e' | 'E' => 1 << 60,
-        _ => return None,
-    })
-}
-
-/// Parses a qemu-img size: `1024`, `1000b`, `64k`, `1.5G`, `0x1000`, `2T`.
+/// Parses a qemu-img size: `1024`, `1000b`, `64k`, `1.5G`, `0x1000`, `2T`. The grammar is
+/// the workspace's one size grammar (`outboard_common::size`); only the messages are
+/// qemu-img's.
 pub fn parse_size(input: &str) -> Result<u64, SizeError> {
-    let invalid = || SizeError::Invalid(input.to_string());
-    let s = input.trim_start();
-    let (int_part, frac_part, rest, radix) =
-        if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-            let end = hex
-                .find(|c: char| !c.is_ascii_hexdigit())
-                .unwrap_or(hex.len());
-            (&hex[..end], "", &hex[end..], 16)
-        } else {
-            let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-            let (int_part, rest) = s.split_at(end);
-            match rest.strip_prefix('.') {
-                Some(after) => {
-                    let fend = after
-                        .find(|c: char| !c.is_ascii_digit())
-                        .unwrap_or(after.len());
-                    (int_part, &after[..fend], &after[fend..], 10)
-                }
-                None => (int_part, "", rest, 10),
-            }
-        };
-    if int_part.is_empty() && frac_part.is_empty() {
-        return Err(invalid());
-    }
-    let had_dot = radix == 10 && s.len() > int_part.len() && s[int_part.len()..].starts_with('.');
-    let mut chars = rest.chars();
-    let mul = match chars.next() {
-        None => 1,
-        Some(c) => suffix_multiplier(c).ok_or_else(invalid)?,
-    };
-    if chars.next().is_some() {
-        return Err(invalid());
-    }
-    // qemu: a fraction needs a suffix bigger than bytes.
-    if had_dot && mul == 1 {
-        return Err(invalid());
-    }
-    let int: u128 = if int_part.is_empty() {
-        0
-    } else {
-        // Anything longer than 39 digits overflows u128 and is too large anyway.
-        u128::from_str_radix(int_part, radix).map_err(|_| SizeError::TooLarge)?
-    };
-    let mut total = int.checked_mul(mul as u128).ok_or(SizeError::TooLarge)?;
-    if !frac_part.is_empty() {
-        // floor(0.frac * mul); 19 digits keep the product within u128.
-        let digits = &frac_part[..frac_part.len().min(19)];
-        let num: u128 = digits.parse().map_err(|_| invalid())?;
-        let den = 10u128.pow(digits.len() as u32);
-        total += num * mul as u128 / den;
-    }
-    if total > MAX_SIZE as u128 {
-        return Err(SizeError::TooLarge);
-    }
-    Ok(total as u64)
+    outboard_common::size::parse_size(input).map_err(|e| match e {
+        outboard_common::size::SizeError::Invalid(_) => SizeError::Invalid(input.to_string()),
+        outboard_common::size::SizeError::TooLarge(_) => SizeError::TooLarge,
+    })
 }
 
 /// A `resize` argument.
