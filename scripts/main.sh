@@ -173,11 +173,12 @@ ping -c 2 -W 5 10.0.77.1
 echo "outboard demo, guest boot $(cat /proc/sys/kernel/random/boot_id)" >/root/outboard-demo.txt
 sync
 echo "guest: wrote /root/outboard-demo.txt: $(cat /root/outboard-demo.txt)"
+dd if=/dev/zero of=/root/live.dat bs=1M count=64 oflag=direct status=none
 echo OB_DEMO_WRITING
 fio --name=live --filename=/root/live.dat --size=64M --bs=64k --rw=randwrite --direct=1 \
-  --ioengine=psync --time_based --runtime=6 --verify=crc32c --verify_backlog=64 \
+  --ioengine=psync --time_based --runtime=8 --verify=crc32c --verify_backlog=64 \
   --verify_fatal=1 >/tmp/fio.out || { cat /tmp/fio.out; exit 1; }
-sed -n "s/^ *WRITE: \(bw=[^ ]*\).*\(io=[^ ]*\).*/guest: fio: random 64k writes for 6 s: \1, \2/p" /tmp/fio.out
+sed -n "s/^ *WRITE: \(bw=[^ ]*\).*\(io=[^ ]*\).*/guest: fio: random 64k writes for 8 s: \1, \2/p" /tmp/fio.out
 sed -n "s/.*issued rwts: total=\([0-9]*\),\([0-9]*\),.*/guest: fio: \1 of the \2 blocks written read back, crc32c verified, 0 errors/p" /tmp/fio.out
 sync
 echo OB_DEMO_DONE'
@@ -209,25 +210,33 @@ esac
 
 # The live snapshot: when the guest says it writes, snapshot the running disk through the
 # control socket, with the write counters before and after to show I/O went on around it.
-written() {
+written() { # bytes the guest has written to the disk so far (all queues)
     "$BIN/vhost-user-blk" ctl "$CTL" stats | grep -o '"write_bytes": *[0-9]*' | cut -d: -f2 |
-        awk '{ s += $1 } END { printf "%.1f MiB", s / 1048576 }'
+        awk '{ s += $1 } END { printf "%d", s }'
 }
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
 live_snapshot() {
-    local i
+    local i start before after reply
     for ((i = 0; i < 1200; i++)); do
         grep -q '^OB_DEMO_WRITING' "$OUT/serial.log" 2>/dev/null && break
         grep -q '^OB_EXIT=' "$OUT/serial.log" 2>/dev/null && return 0
         sleep 0.1
     done
-    sleep 2
-    local before after reply
+    # Snapshot once fio's writes are flowing (4 MiB seen), then watch them go on.
+    start="$(written)"
+    for ((i = 0; i < 100; i++)); do
+        (($(written) - start >= 4 << 20)) && break
+        sleep 0.1
+    done
     before="$(written)"
     reply="$("$BIN/vhost-user-blk" ctl "$CTL" snapshot-create live-demo 2>&1)" || true
-    sleep 1
-    after="$(written)"
+    for ((i = 0; i < 50; i++)); do
+        after="$(written)"
+        ((after - before >= 4 << 20)) && break
+        sleep 0.1
+    done
     log "host: vhost-user-blk ctl $CTL snapshot-create live-demo -> $reply"
-    log "host: guest writes served: $before before the snapshot, $after one second after it"
+    log "host: guest writes served: $(mib "$before") before the snapshot, $(mib "$after") after it"
 }
 
 : >"$OUT/serial.log"
