@@ -163,6 +163,7 @@ fi
 
 # The demo: what runs in the guest without a terminal and without COMMAND. It prints
 # OB_DEMO_WRITING when fio starts writing; the host then takes the live snapshot.
+# shellcheck disable=SC2016 # expanded in the guest
 DEMO='set -e
 . /etc/os-release
 echo "guest: $PRETTY_NAME, /etc/debian_version $(cat /etc/debian_version), kernel $(uname -r), $(nproc) vCPUs, PID 1 $(cat /proc/1/comm)"
@@ -184,10 +185,10 @@ sync
 echo OB_DEMO_DONE'
 
 SCRIPT=""
-MODE=shell
+MODE=interactive
 if (($# > 0)); then
     SCRIPT="$*"
-    MODE=command
+    MODE="command"
 elif [[ ! -t 0 ]]; then
     SCRIPT="$DEMO"
     MODE=demo
@@ -201,7 +202,7 @@ fi
 case "$MODE" in
 command) log "booting Debian and running: $SCRIPT" ;;
 demo) log "no terminal and no COMMAND: booting Debian and running the demo" ;;
-shell)
+interactive)
     size="$(stty size 2>/dev/null || true)"
     [[ -z "$size" ]] || CMDLINE+=" ob_tty=${size/ /x}"
     log "booting Debian: root shell on this terminal ('exit' or Ctrl-D powers the VM off)"
@@ -282,7 +283,7 @@ if [[ "$MODE" == demo ]]; then
 fi
 log "overlay: $(du -h "$OVERLAY" | cut -f1) on disk over the $(du -h "$BASE" | cut -f1) base; main job took $((SECONDS - T0)) s"
 
-if [[ "$MODE" != shell ]]; then
+if [[ "$MODE" != interactive ]]; then
     GUEST_STATUS="$(sed -n 's/^OB_EXIT=\([0-9]*\).*/\1/p' "$OUT/serial.log" | tail -n1)"
     [[ -n "$GUEST_STATUS" ]] || die "the guest printed no OB_EXIT=<status> (see $OUT/serial.log)"
     log "guest command exited with status $GUEST_STATUS"

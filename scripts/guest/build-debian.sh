@@ -93,7 +93,7 @@ debian_mirror() {
     done
     for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
         [[ -f "$f" ]] || continue
-        sed -n "s/^deb[ \t]\+\(\[[^]]*\][ \t]\+\)\{0,1\}\([^ \t]*\)[ \t]\+$SUITE[ \t].*/\2/p" "$f"
+        sed -n "s/^deb[ \t]\+\(\[[^]]*\][ \t]\+\)\{0,1\}\([^ \t]*\)[ \t]\+${SUITE}[ \t].*/\2/p" "$f"
     done
 }
 MIRROR="${OUTBOARD_DEBIAN_MIRROR:-$(debian_mirror | head -n1)}"
