@@ -131,6 +131,8 @@ cleanup() {
     [[ -z "$NS" ]] || ip netns del "$NS" 2>/dev/null || true
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 "$BIN/vhost-user-blk" --socket-path "$BLK_SOCK" --blk-file "$OVERLAY" --format qcow2 \
     --num-queues 2 --serial outboard-root --control-socket "$CTL" >"$OUT/vhost-user-blk.log" 2>&1 &
 BLK_PID=$!

@@ -223,7 +223,7 @@ fn main_job_boots_debian_snapshots_live_and_propagates_status() {
     // 3. Clear errors (item 4), each provoked for real.
     clear_errors(&bin_dir, out_dir);
     eprintln!(
-        "main job: demo {demo_secs:.1} s (includes building the base image on a fresh machine), \
+        "main job: demo {demo_secs:.1} s (with building the base image when target/debian/ had none), \
          a command {command_secs:.1} s; writes {before} -> {after} MiB around the live snapshot"
     );
 }
