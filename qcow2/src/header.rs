@@ -188,7 +188,8 @@ impl Header {
             h.autoclear_features = be64(buf, 88);
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
-            if h.header_length < 104 || h.header_length % 8 != 0 && h.header_length != 104 {
+            if h.header_length < 104 || !h.header_length.is_multiple_of(8) && h.header_length != 104
+            {
                 return Err(Error::BadHeader(format!(
                     "header_length {}",
                     h.header_length
@@ -415,7 +416,7 @@ pub fn check_table(
     len: u64,
     what: &str,
 ) -> Result<()> {
-    if offset % cluster_size != 0 {
+    if !offset.is_multiple_of(cluster_size) {
         return Err(Error::BadHeader(format!(
             "{what} offset {offset:#x} is not cluster aligned"
         )));

@@ -623,7 +623,7 @@ impl Qcow2 {
                 "shrinking from {old} to {new_size} bytes is not supported"
             )));
         }
-        if new_size % 512 != 0 {
+        if !new_size.is_multiple_of(512) {
             return Err(Error::InvalidArgument(format!(
                 "size {new_size} is not a multiple of 512"
             )));

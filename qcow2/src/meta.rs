@@ -113,7 +113,7 @@ impl Meta {
             return Ok((l1i, 0));
         };
         let off = e & entry::OFFSET_MASK;
-        if e & entry::L1_RESERVED != 0 || off % self.geo.cs != 0 {
+        if e & entry::L1_RESERVED != 0 || !off.is_multiple_of(self.geo.cs) {
             return Err(Error::corrupt(format!(
                 "L1 entry {l1i} ({e:#x}) is invalid"
             )));

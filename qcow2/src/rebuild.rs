@@ -86,7 +86,7 @@ impl Refs {
 
     fn add_bytes(&mut self, off: u64, len: u64, what: &str) {
         let cs = 1u64 << self.cluster_bits;
-        if off % cs != 0 {
+        if !off.is_multiple_of(cs) {
             self.errors
                 .push(format!("{what} at {off:#x} is not cluster aligned"));
             return;
@@ -98,7 +98,7 @@ impl Refs {
 /// Reads an L2 table (whole cluster) if its offset is sane.
 fn read_l2(file: &File, geo: &Geo, refs: &mut Refs, l1e: u64, l1i: usize) -> Option<Vec<u64>> {
     let off = l1e & entry::OFFSET_MASK;
-    if l1e & entry::L1_RESERVED != 0 || off % geo.cs != 0 {
+    if l1e & entry::L1_RESERVED != 0 || !off.is_multiple_of(geo.cs) {
         refs.errors
             .push(format!("L1 entry {l1i} ({l1e:#x}) is invalid"));
         return None;

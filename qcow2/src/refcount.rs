@@ -185,7 +185,7 @@ impl Refcounts {
         if self.cache.get(off).is_some() {
             return Ok(());
         }
-        if off % self.cs() != 0 || off == 0 || (off >> self.cluster_bits) >= self.end {
+        if !off.is_multiple_of(self.cs()) || off == 0 || (off >> self.cluster_bits) >= self.end {
             return Err(Error::corrupt(format!(
                 "refcount block at {off:#x} is invalid"
             )));

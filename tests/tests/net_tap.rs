@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outboard_tests::netns::{csum_add, csum_fold, ipv4_frame, pseudo_v4, Netns};
-use vhost_user_net::cli::{Config, Listen};
+use vhost_user_net::cli::{Config, DaemonConfig, Listen};
 use vhost_user_net::device::NetDevice;
 use vhost_user_net::virtio::Offloads;
 use virtio_bindings::virtio_net::*;
@@ -67,7 +67,13 @@ fn rig_pairs(mrg: bool, offloads: bool, pairs: u16) -> Rig {
     ]);
     let on = offloads;
     let cfg = Config {
-        listen: Listen::Fd(-1),
+        daemon: DaemonConfig {
+            listen: Listen::Fd(-1),
+            control_socket: None,
+            seccomp: "off".parse().expect("mode"),
+            user: None,
+            socket_mode: None,
+        },
         tap: "obtap0".into(),
         bridge: Some("obbr0".into()),
         create_bridge: true,
@@ -84,10 +90,6 @@ fn rig_pairs(mrg: bool, offloads: bool, pairs: u16) -> Rig {
             event_idx: true,
         },
         ip: None,
-        control_socket: None,
-        seccomp: "off".parse().expect("mode"),
-        user: None,
-        socket_mode: None,
     };
     let dev = a.run(move || vhost_user_net::setup(&cfg).expect("device setup in namespace A"));
     a.ip(&["link", "set", "va", "master", "obbr0"]);
@@ -606,7 +608,13 @@ fn two_queue_pairs() {
 fn setup_and_link_state_over_netlink() {
     let a = Netns::new("neta");
     let cfg = Config {
-        listen: Listen::Fd(-1),
+        daemon: DaemonConfig {
+            listen: Listen::Fd(-1),
+            control_socket: None,
+            seccomp: "off".parse().expect("mode"),
+            user: None,
+            socket_mode: None,
+        },
         tap: "obtap%d".into(),
         bridge: Some("obbr1".into()),
         create_bridge: true,
@@ -616,10 +624,6 @@ fn setup_and_link_state_over_netlink() {
         queue_size: 256,
         offloads: Offloads::default(),
         ip: Some(("10.203.0.1".parse().expect("ip"), 24)),
-        control_socket: None,
-        seccomp: "off".parse().expect("mode"),
-        user: None,
-        socket_mode: None,
     };
     let dev = a.run(move || vhost_user_net::setup(&cfg).expect("setup"));
     let name = dev.tap().name().to_string();

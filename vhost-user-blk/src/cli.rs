@@ -1,7 +1,9 @@
 //! Command line (QEMU's vhost-user backend program conventions plus our
 //! options) and its validation into a [`Config`].
 
-use outboard_common::sandbox::SeccompMode;
+pub use outboard_common::daemon::{DaemonConfig, Listen};
+use outboard_common::daemon::{DaemonOptions, OptionsError};
+pub use outboard_common::size::parse_size;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -43,21 +45,21 @@ pub enum CacheArg {
         it disconnects. SIGTERM finishes in-flight requests, flushes and exits.\n\n\
         Control a running daemon: vhost-user-blk ctl /run/vm0-ctl.sock stats",
     subcommand_negates_reqs = true,
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    mut_arg("socket_path", |a| a.help(
+        "Unix socket to listen on, e.g. /run/vm0-disk.sock (a stale socket file is replaced)")),
+    mut_arg("control_socket", |a| a.help(
+        "Control socket for stats, live snapshots and resize (JSON lines), e.g. /run/vm0-ctl.sock")),
+    mut_arg("user", |a| a.help(
+        "Run as this user once the image and sockets are open (when started as root)"))
 )]
 pub struct Args {
     /// Client for a running daemon's control socket.
     #[command(subcommand)]
     pub ctl: Option<Sub>,
-    /// Print the backend's capabilities as JSON (for QEMU) and exit.
-    #[arg(long)]
-    pub print_capabilities: bool,
-    /// Unix socket to listen on, e.g. /run/vm0-disk.sock (a stale socket file is replaced).
-    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
-    pub socket_path: Option<PathBuf>,
-    /// An already listening unix socket inherited from the parent, e.g. --fd 3.
-    #[arg(long, value_name = "FDNUM")]
-    pub fd: Option<i32>,
+    /// The options every daemon takes (socket, control socket, sandbox, logging).
+    #[command(flatten)]
+    pub daemon: DaemonOptions,
     /// The disk image or block device to serve.
     #[arg(
         long,
@@ -92,45 +94,13 @@ pub struct Args {
     /// batch; e.g. --poll-us 0 to never poll.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub poll_us: u64,
-    /// Control socket for stats, live snapshots and resize (JSON lines), e.g. /run/vm0-ctl.sock.
-    #[arg(long, value_name = "PATH")]
-    pub control_socket: Option<PathBuf>,
-    /// Log level: error, warn, info, debug or trace.
-    #[arg(long, default_value = "info")]
-    pub log_level: log::LevelFilter,
-    /// Seccomp filter once serving: errno (forbidden system calls fail with
-    /// EPERM), kill (SIGSYS), log (allowed, logged by the kernel) or off.
-    #[arg(long, value_name = "MODE", default_value = "errno")]
-    pub seccomp: SeccompMode,
-    /// Run as this user once the image and sockets are open (when started as root).
-    #[arg(long, value_name = "USER")]
-    pub user: Option<String>,
-    /// Permissions of the --socket-path socket file, in octal (e.g. 0660).
-    #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
-    pub socket_mode: Option<u32>,
-}
-
-fn parse_mode(s: &str) -> Result<u32, String> {
-    u32::from_str_radix(s.trim_start_matches("0o"), 8)
-        .ok()
-        .filter(|m| *m <= 0o7777)
-        .ok_or_else(|| format!("{s:?} is not an octal mode such as 0660"))
-}
-
-/// Where the daemon listens.
-#[derive(Debug, Clone)]
-pub enum Listen {
-    /// Bind this path.
-    Path(PathBuf),
-    /// Use this inherited fd.
-    Fd(i32),
 }
 
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Listening socket.
-    pub listen: Listen,
+    /// The shared daemon settings (socket, control socket, sandbox).
+    pub daemon: DaemonConfig,
     /// Image.
     pub blk_file: PathBuf,
     /// Format (None: probe).
@@ -149,22 +119,14 @@ pub struct Config {
     pub writeback: bool,
     /// Poll window.
     pub poll: Duration,
-    /// Control socket.
-    pub control_socket: Option<PathBuf>,
-    /// Seccomp mode.
-    pub seccomp: SeccompMode,
-    /// Unprivileged user to switch to.
-    pub user: Option<String>,
-    /// Socket file permissions.
-    pub socket_mode: Option<u32>,
 }
 
 /// Invalid command lines.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// Neither --socket-path nor --fd.
-    #[error("give --socket-path PATH or --fd FDNUM")]
-    NoSocket,
+    /// Invalid shared options (neither --socket-path nor --fd).
+    #[error(transparent)]
+    Daemon(#[from] OptionsError),
     /// Missing --blk-file.
     #[error("give --blk-file PATH")]
     NoFile,
@@ -183,11 +145,7 @@ impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(a: Args) -> Result<Config, ConfigError> {
-        let listen = match (a.socket_path, a.fd) {
-            (Some(p), None) => Listen::Path(p),
-            (None, Some(fd)) => Listen::Fd(fd),
-            _ => return Err(ConfigError::NoSocket),
-        };
+        let daemon = DaemonConfig::try_from(a.daemon)?;
         let blk_file = a.blk_file.ok_or(ConfigError::NoFile)?;
         if !a.queue_size.is_power_of_two() || a.queue_size < 2 {
             return Err(ConfigError::QueueSize(a.queue_size));
@@ -204,7 +162,7 @@ impl TryFrom<Args> for Config {
             return Err(ConfigError::Direct);
         }
         Ok(Config {
-            listen,
+            daemon,
             blk_file,
             format,
             read_only: a.read_only,
@@ -214,10 +172,6 @@ impl TryFrom<Args> for Config {
             direct: a.direct,
             writeback: a.cache == CacheArg::Writeback,
             poll: Duration::from_micros(a.poll_us),
-            control_socket: a.control_socket,
-            seccomp: a.seccomp,
-            user: a.user,
-            socket_mode: a.socket_mode,
         })
     }
 }
@@ -262,9 +216,10 @@ pub enum CtlCmd {
         /// Snapshot name or id.
         name: String,
     },
-    /// Grow the disk while the guest runs (bytes, or with K/M/G/T suffix).
+    /// Grow the disk while the guest runs.
     Resize {
-        /// New size, e.g. 40G.
+        /// New size: bytes, or a number with a 1024-based suffix K, M, G, T, P or E
+        /// (qemu-img's sizes), e.g. 40G, 1.5T, 0x100000.
         size: String,
     },
 }
@@ -278,30 +233,11 @@ impl CtlCmd {
             CtlCmd::SnapshotCreate { name } => json!({"cmd": "snapshot-create", "name": name}),
             CtlCmd::SnapshotList => json!({"cmd": "snapshot-list"}),
             CtlCmd::SnapshotDelete { name } => json!({"cmd": "snapshot-delete", "name": name}),
-            CtlCmd::Resize { size } => json!({"cmd": "resize", "size": parse_size(size)?}),
+            CtlCmd::Resize { size } => {
+                json!({"cmd": "resize", "size": parse_size(size).map_err(|e| e.to_string())?})
+            }
         })
     }
-}
-
-/// Parses "4096", "512K", "40G" (binary units).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, shift) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("unknown size suffix in {s:?}")),
-            };
-            (&s[..i], shift)
-        }
-        _ => (s, 0),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 #[cfg(test)]
@@ -316,5 +252,49 @@ mod tests {
         assert!(parse_size("1X").is_err());
         assert!(parse_size("G").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn shared_options_keep_their_names_and_help() {
+        use clap::{CommandFactory, Parser};
+        let a = Args::try_parse_from([
+            "vhost-user-blk",
+            "--socket-path",
+            "/s",
+            "--blk-file",
+            "disk.img",
+            "--control-socket",
+            "/c",
+            "--log-level",
+            "debug",
+            "--seccomp",
+            "off",
+            "--user",
+            "nobody",
+            "--socket-mode",
+            "0660",
+        ])
+        .expect("parse");
+        assert_eq!(a.daemon.log_level, log::LevelFilter::Debug);
+        let c = Config::try_from(a).expect("valid");
+        assert!(matches!(c.daemon.listen, Listen::Path(ref p) if p.as_os_str() == "/s"));
+        assert_eq!(c.daemon.socket_mode, Some(0o660));
+        assert_eq!(c.daemon.user.as_deref(), Some("nobody"));
+        assert!(c.daemon.control_socket.is_some());
+        assert!(matches!(
+            Args::try_parse_from(["vhost-user-blk", "--blk-file", "disk.img"])
+                .map(Config::try_from),
+            Ok(Err(ConfigError::Daemon(_)))
+        ));
+        let help = Args::command().render_long_help().to_string();
+        for s in [
+            "Examples:",
+            "/run/vm0-disk.sock",
+            "--fd <FDNUM>",
+            "--print-capabilities",
+            "ctl ",
+        ] {
+            assert!(help.contains(s), "--help lacks {s:?}");
+        }
     }
 }

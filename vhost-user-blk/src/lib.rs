@@ -30,10 +30,10 @@ pub mod worker;
 
 use std::sync::Arc;
 
-use outboard_common::sandbox;
+use outboard_common::daemon;
 
 use crate::backend::BlkDevice;
-use crate::cli::{Config, Listen};
+use crate::cli::Config;
 use crate::disk::Disk;
 use crate::worker::DeviceSettings;
 
@@ -55,21 +55,9 @@ pub enum Error {
     /// The device could not be set up.
     #[error("device setup")]
     Device(#[source] worker::WorkerError),
-    /// Listening or serving failed.
+    /// The prologue (sockets, signals, sandbox) or serving failed.
     #[error(transparent)]
-    Serve(#[from] server::ServeError),
-    /// The control socket could not be set up.
-    #[error("control socket")]
-    Control(#[from] control::ControlError),
-    /// Signal handling could not be set up.
-    #[error("signal handling")]
-    Signals(#[source] std::io::Error),
-    /// --socket-mode could not be applied.
-    #[error("setting the socket permissions")]
-    SocketMode(#[source] std::io::Error),
-    /// Seccomp or dropping privileges failed.
-    #[error(transparent)]
-    Sandbox(#[from] sandbox::SandboxError),
+    Daemon(#[from] daemon::DaemonError),
 }
 
 /// Opens the disk, builds the device and serves frontends until a signal.
@@ -108,59 +96,31 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         )
         .map_err(Error::Device)?,
     );
-    let (listener, owned_path) = match &cfg.listen {
-        Listen::Path(p) => (server::bind(p)?, Some(p.clone())),
-        Listen::Fd(fd) => (server::from_fd(*fd)?, None),
-    };
-    if let Some(path) = &cfg.control_socket {
-        control::spawn(path, device.clone())?;
-        log::info!("control socket on {}", path.display());
-    }
-    spawn_signal_thread(device.clone(), owned_path.clone())?;
-    if let (Some(mode), Some(p)) = (cfg.socket_mode, &owned_path) {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
-            .map_err(Error::SocketMode)?;
-    }
-    if let Some(user) = &cfg.user {
-        sandbox::drop_privileges(user)?;
-        log::info!("running as {user}");
-    }
-    sandbox::apply(cfg.seccomp, &[])?;
-    if cfg.seccomp != sandbox::SeccompMode::Off {
-        log::info!("seccomp filter on ({:?})", cfg.seccomp);
-    }
-    server::serve(device, listener)?;
+    let control_device = device.clone();
+    let signal_device = device.clone();
+    daemon::run(
+        &cfg.daemon,
+        daemon::Hooks {
+            control: move |req: &serde_json::Value| control::handle(req, &control_device),
+            on_signal: move |sig| on_signal(&signal_device, sig),
+            serve: move |listener| server::serve(device, listener),
+            syscalls: &[],
+            ioctls: &[],
+        },
+    )?;
     Ok(())
 }
 
-/// SIGTERM/SIGINT: stop taking requests, let in-flight ones finish, flush, exit.
-fn spawn_signal_thread(
-    device: Arc<BlkDevice>,
-    socket: Option<std::path::PathBuf>,
-) -> Result<(), Error> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(Error::Signals)?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                log::info!("signal {sig}: draining and flushing");
-                device.pause(true);
-                let code = match device.disk.flush() {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        log::error!("final flush failed: {e}");
-                        1
-                    }
-                };
-                if let Some(p) = socket {
-                    let _ = std::fs::remove_file(p);
-                }
-                std::process::exit(code);
-            }
-        })
-        .map_err(Error::Signals)?;
-    Ok(())
+/// SIGTERM/SIGINT: stop taking requests, let in-flight ones finish, flush;
+/// the exit code says whether the final flush worked.
+fn on_signal(device: &BlkDevice, sig: i32) -> i32 {
+    log::info!("signal {sig}: draining and flushing");
+    device.pause(true);
+    match device.disk.flush() {
+        Ok(()) => 0,
+        Err(e) => {
+            log::error!("final flush failed: {e}");
+            1
+        }
+    }
 }

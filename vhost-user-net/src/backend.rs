@@ -59,14 +59,7 @@ impl NetBackend {
         // The call eventfd cannot be replaced while we hold the vring state,
         // so its raw fd stays valid for this pass.
         let call = state.get_call().as_ref().map(|c| c.as_raw_fd());
-        let mut signal = || {
-            if let Some(fd) = call {
-                let one = 1u64.to_ne_bytes();
-                // SAFETY: `fd` is the open call eventfd owned by the vring
-                // state we hold; writing 8 bytes from a local buffer.
-                let _ = unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
-            }
-        };
+        let mut signal = || outboard_common::daemon::signal_call(call);
         let q = state.get_queue_mut();
         let r = match dir {
             Dir::Rx => self

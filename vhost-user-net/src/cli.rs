@@ -5,7 +5,9 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use outboard_common::sandbox::SeccompMode;
+pub use outboard_common::daemon::{DaemonConfig, Listen};
+use outboard_common::daemon::{DaemonOptions, OptionsError};
+pub use outboard_common::mac::random_mac;
 
 use crate::virtio::Offloads;
 
@@ -47,21 +49,22 @@ impl OnOff {
         segmentation offloads too).\n\n\
         Control a running daemon: vhost-user-net ctl /run/vm0-net-ctl.sock stats",
     subcommand_negates_reqs = true,
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    mut_arg("socket_path", |a| a.help(
+        "Unix socket to listen on, e.g. /run/vm0-net.sock (a stale socket file is replaced)")),
+    mut_arg("control_socket", |a| a.help(
+        "Control socket for counters (JSON lines), e.g. /run/vm0-net-ctl.sock")),
+    mut_arg("user", |a| a.help(
+        "Run as this user once the tap and sockets are set up (when started as root); \
+        no capability is kept"))
 )]
 pub struct Args {
     /// Client for a running daemon's control socket.
     #[command(subcommand)]
     pub ctl: Option<Sub>,
-    /// Print the backend's capabilities as JSON (for QEMU) and exit.
-    #[arg(long)]
-    pub print_capabilities: bool,
-    /// Unix socket to listen on, e.g. /run/vm0-net.sock (a stale socket file is replaced).
-    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
-    pub socket_path: Option<PathBuf>,
-    /// An already listening unix socket inherited from the parent, e.g. --fd 3.
-    #[arg(long, value_name = "FDNUM")]
-    pub fd: Option<i32>,
+    /// The options every daemon takes (socket, control socket, sandbox, logging).
+    #[command(flatten)]
+    pub daemon: DaemonOptions,
     /// Tap interface to create, or to open if it exists ("%d" picks a free number).
     #[arg(long, value_name = "NAME", default_value = "obtap%d")]
     pub tap: String,
@@ -108,46 +111,13 @@ pub struct Args {
     /// Netmask of --ip, dotted (255.255.255.0) or a prefix length (24).
     #[arg(long, value_name = "MASK", requires = "ip")]
     pub netmask: Option<String>,
-    /// Control socket for counters (JSON lines), e.g. /run/vm0-net-ctl.sock.
-    #[arg(long, value_name = "PATH")]
-    pub control_socket: Option<PathBuf>,
-    /// Log level: error, warn, info, debug or trace.
-    #[arg(long, default_value = "info")]
-    pub log_level: log::LevelFilter,
-    /// Seccomp filter once serving: errno (forbidden system calls fail with
-    /// EPERM), kill (SIGSYS), log (allowed, logged by the kernel) or off.
-    #[arg(long, value_name = "MODE", default_value = "errno")]
-    pub seccomp: SeccompMode,
-    /// Run as this user once the tap and sockets are set up (when started as root);
-    /// no capability is kept.
-    #[arg(long, value_name = "USER")]
-    pub user: Option<String>,
-    /// Permissions of the --socket-path socket file, in octal (e.g. 0660).
-    #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
-    pub socket_mode: Option<u32>,
-}
-
-fn parse_mode(s: &str) -> Result<u32, String> {
-    u32::from_str_radix(s.trim_start_matches("0o"), 8)
-        .ok()
-        .filter(|m| *m <= 0o7777)
-        .ok_or_else(|| format!("{s:?} is not an octal mode such as 0660"))
-}
-
-/// Where the daemon listens.
-#[derive(Debug, Clone)]
-pub enum Listen {
-    /// Bind this path.
-    Path(PathBuf),
-    /// Use this inherited fd.
-    Fd(i32),
 }
 
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Listening socket.
-    pub listen: Listen,
+    /// The shared daemon settings (socket, control socket, sandbox).
+    pub daemon: DaemonConfig,
     /// Tap name (may contain %d).
     pub tap: String,
     /// Bridge to attach to.
@@ -166,22 +136,14 @@ pub struct Config {
     pub offloads: Offloads,
     /// Host address and prefix length.
     pub ip: Option<(IpAddr, u8)>,
-    /// Control socket.
-    pub control_socket: Option<PathBuf>,
-    /// Seccomp mode.
-    pub seccomp: SeccompMode,
-    /// Unprivileged user to switch to.
-    pub user: Option<String>,
-    /// Socket file permissions.
-    pub socket_mode: Option<u32>,
 }
 
 /// Invalid command lines.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// Neither --socket-path nor --fd.
-    #[error("give --socket-path PATH or --fd FDNUM")]
-    NoSocket,
+    /// Invalid shared options (neither --socket-path nor --fd).
+    #[error(transparent)]
+    Daemon(#[from] OptionsError),
     /// Bad queue size.
     #[error("--queue-size {0} must be a power of two from 2 to 32768")]
     QueueSize(u16),
@@ -230,32 +192,11 @@ pub fn parse_netmask(s: &str, ip: IpAddr) -> Option<u8> {
     (bits.checked_shl(ones).unwrap_or(0) == 0).then_some(ones as u8)
 }
 
-/// A random locally administered unicast MAC (02:xx:...).
-pub fn random_mac() -> [u8; 6] {
-    let mut b = [0u8; 6];
-    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    if n != b.len() as isize {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-            ^ u128::from(std::process::id());
-        b.copy_from_slice(&t.to_le_bytes()[..6]);
-    }
-    b[0] = (b[0] & 0xfc) | 0x02;
-    b
-}
-
 impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(a: Args) -> Result<Config, ConfigError> {
-        let listen = match (a.socket_path, a.fd) {
-            (Some(p), None) => Listen::Path(p),
-            (None, Some(fd)) => Listen::Fd(fd),
-            _ => return Err(ConfigError::NoSocket),
-        };
+        let daemon = DaemonConfig::try_from(a.daemon)?;
         if !a.queue_size.is_power_of_two() || a.queue_size < 2 {
             return Err(ConfigError::QueueSize(a.queue_size));
         }
@@ -280,7 +221,7 @@ impl TryFrom<Args> for Config {
             }
         };
         Ok(Config {
-            listen,
+            daemon,
             tap: a.tap,
             bridge: a.bridge,
             create_bridge: a.create_bridge,
@@ -297,10 +238,6 @@ impl TryFrom<Args> for Config {
                 event_idx: a.event_idx.on(),
             },
             ip,
-            control_socket: a.control_socket,
-            seccomp: a.seccomp,
-            user: a.user,
-            socket_mode: a.socket_mode,
         })
     }
 }
@@ -370,5 +307,48 @@ mod tests {
         assert_eq!(parse_netmask("64", v6), Some(64));
         assert_eq!(parse_netmask("ffff:ffff::", v6), Some(32));
         assert_eq!(parse_netmask("255.255.255.0", v6), None);
+    }
+
+    #[test]
+    fn shared_options_keep_their_names_and_help() {
+        use clap::{CommandFactory, Parser};
+        let a = Args::try_parse_from([
+            "vhost-user-net",
+            "--socket-path",
+            "/s",
+            "--tap",
+            "vm0",
+            "--control-socket",
+            "/c",
+            "--log-level",
+            "debug",
+            "--seccomp",
+            "off",
+            "--user",
+            "nobody",
+            "--socket-mode",
+            "0660",
+        ])
+        .expect("parse");
+        assert_eq!(a.daemon.log_level, log::LevelFilter::Debug);
+        let c = Config::try_from(a).expect("valid");
+        assert!(matches!(c.daemon.listen, Listen::Path(ref p) if p.as_os_str() == "/s"));
+        assert_eq!(c.daemon.socket_mode, Some(0o660));
+        assert_eq!(c.daemon.user.as_deref(), Some("nobody"));
+        assert!(c.daemon.control_socket.is_some());
+        assert!(matches!(
+            Args::try_parse_from(["vhost-user-net", "--tap", "vm0"]).map(Config::try_from),
+            Ok(Err(ConfigError::Daemon(_)))
+        ));
+        let help = Args::command().render_long_help().to_string();
+        for s in [
+            "Examples:",
+            "/run/vm0-net.sock",
+            "--fd <FDNUM>",
+            "--print-capabilities",
+            "ctl ",
+        ] {
+            assert!(help.contains(s), "--help lacks {s:?}");
+        }
     }
 }

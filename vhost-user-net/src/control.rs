@@ -5,20 +5,13 @@
 //!   "bytes":N,"drops":N,"errors":N},...]}`.
 //!
 //! Errors: `{"ok":false,"error":"..."}`.
-
-use std::path::Path;
-use std::sync::Arc;
+//!
+//! The socket itself is served by `outboard_common::control` (started by
+//! the prologue, `outboard_common::daemon::run`); this module answers.
 
 use serde_json::{json, Value};
 
 use crate::device::NetDevice;
-
-pub use outboard_common::control::ControlError;
-
-/// Starts serving the control socket at `path` on its own thread.
-pub fn spawn(path: &Path, device: Arc<NetDevice>) -> Result<(), ControlError> {
-    outboard_common::control::spawn(path, move |req| handle(req, &device))
-}
 
 /// Executes one request.
 pub fn handle(req: &Value, device: &NetDevice) -> Value {

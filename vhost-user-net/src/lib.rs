@@ -39,10 +39,10 @@ pub mod virtio;
 
 use std::sync::Arc;
 
-use outboard_common::sandbox;
+use outboard_common::{daemon, sandbox};
 
 use crate::backend::NetBackend;
-use crate::cli::{random_mac, Config, Listen};
+use crate::cli::{random_mac, Config};
 use crate::device::NetDevice;
 use crate::netlink::Netlink;
 use crate::tap::Tap;
@@ -63,21 +63,9 @@ pub enum Error {
     /// The device could not be set up.
     #[error("device setup")]
     Device(#[from] device::DeviceError),
-    /// Listening or serving failed.
+    /// The prologue (sockets, signals, sandbox) or serving failed.
     #[error(transparent)]
-    Serve(#[from] outboard_common::server::ServeError),
-    /// The control socket could not be set up.
-    #[error("control socket")]
-    Control(#[from] control::ControlError),
-    /// Signal handling could not be set up.
-    #[error("signal handling")]
-    Signals(#[source] std::io::Error),
-    /// --socket-mode could not be applied.
-    #[error("setting the socket permissions")]
-    SocketMode(#[source] std::io::Error),
-    /// Seccomp or dropping privileges failed.
-    #[error(transparent)]
-    Sandbox(#[from] sandbox::SandboxError),
+    Daemon(#[from] daemon::DaemonError),
 }
 
 /// The alias (IFLA_IFALIAS) of a tap the daemon created, followed by
@@ -204,59 +192,33 @@ fn serve_device(cfg: &Config, device: Arc<NetDevice>, owned_tap: bool) -> Result
         cfg.queue_size,
         cfg.mtu
     );
-    let (listener, owned_path) = match &cfg.listen {
-        Listen::Path(p) => (outboard_common::server::bind(p)?, Some(p.clone())),
-        Listen::Fd(fd) => (outboard_common::server::from_fd(*fd)?, None),
-    };
-    if let Some(path) = &cfg.control_socket {
-        control::spawn(path, device.clone())?;
-        log::info!("control socket on {}", path.display());
-    }
-    spawn_signal_thread(owned_path.clone(), owned_tap.then(|| device.clone()))?;
-    if let (Some(mode), Some(p)) = (cfg.socket_mode, &owned_path) {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
-            .map_err(Error::SocketMode)?;
-    }
-    if let Some(user) = &cfg.user {
-        sandbox::drop_privileges(user)?;
-        log::info!("running as {user}");
-    }
-    apply_seccomp(cfg.seccomp)?;
-    if cfg.seccomp != sandbox::SeccompMode::Off {
-        log::info!("seccomp filter on ({:?})", cfg.seccomp);
-    }
-    server::serve(NetBackend::new(device), listener)?;
+    let serve_device = device.clone();
+    let control_device = device.clone();
+    daemon::run(
+        &cfg.daemon,
+        daemon::Hooks {
+            control: move |req: &serde_json::Value| control::handle(req, &control_device),
+            on_signal: move |sig| {
+                on_signal(owned_tap.then_some(device.as_ref()), sig);
+                0
+            },
+            serve: |listener| server::serve(NetBackend::new(serve_device), listener),
+            syscalls: SERVING_SYSCALLS,
+            ioctls: Tap::SERVING_IOCTLS,
+        },
+    )?;
     Ok(())
 }
 
-/// SIGTERM/SIGINT: remove our socket, make our tap non-persistent (it goes
-/// with the process) and exit.
-fn spawn_signal_thread(
-    socket: Option<std::path::PathBuf>,
-    owned_tap: Option<Arc<NetDevice>>,
-) -> Result<(), Error> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(Error::Signals)?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                log::info!("signal {sig}: exiting");
-                if let Some(p) = socket {
-                    let _ = std::fs::remove_file(p);
-                }
-                if let Some(d) = owned_tap {
-                    if let Err(e) = d.tap().set_persist(false) {
-                        log::warn!("{e}");
-                    }
-                }
-                std::process::exit(0);
-            }
-        })
-        .map_err(Error::Signals)?;
-    Ok(())
+/// SIGTERM/SIGINT: make our tap non-persistent (it goes with the process);
+/// the prologue then removes our socket and exits with status 0.
+fn on_signal(owned_tap: Option<&NetDevice>, sig: i32) {
+    log::info!("signal {sig}: exiting");
+    if let Some(d) = owned_tap {
+        if let Err(e) = d.tap().set_persist(false) {
+            log::warn!("{e}");
+        }
+    }
 }
 
 #[cfg(test)]

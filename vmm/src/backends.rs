@@ -200,16 +200,6 @@ pub fn net(children: &mut Children, spec: &NetSpec, index: usize) -> Result<Devi
     Ok(DeviceSpec {
         kind: DeviceKind::Net,
         backend,
-        mac: Some(mac.unwrap_or_else(random_mac)),
+        mac: Some(mac.unwrap_or_else(outboard_common::mac::random_mac)),
     })
-}
-
-/// A locally administered MAC (52:54:00:xx:xx:xx) from the clock and pid.
-fn random_mac() -> [u8; 6] {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0)
-        ^ std::process::id().rotate_left(16);
-    [0x52, 0x54, 0x00, (t >> 16) as u8, (t >> 8) as u8, t as u8]
 }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use outboard_common::size::{parse_size_in, SizeError, Unit};
 
 /// Default kernel command line.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1";
@@ -23,7 +24,8 @@ pub struct Args {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub cpus: u8,
-    /// Guest RAM: a number with an optional K/M/G suffix (plain numbers are MiB).
+    /// Guest RAM: a number with an optional 1024-based suffix b (bytes), K, M, G, T, P or E
+    /// (case-insensitive, one letter; plain numbers are MiB, as qemu's -m), e.g. 512M, 2G, 1.5G.
     #[arg(long, default_value = "512M", value_parser = parse_size)]
     pub memory: u64,
     /// Serial console: `stdio`, `file=PATH` or `off`.
@@ -51,24 +53,11 @@ pub enum Error {
     BadOption(&'static str, String, String),
 }
 
-/// Parses `512M`, `1G`, `2048` (MiB), `65536K`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mul) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let mul = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                _ => return Err(format!("unknown size suffix in {s:?}")),
-            };
-            (&s[..i], mul)
-        }
-        _ => (s, 1 << 20),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    n.checked_mul(mul)
-        .ok_or_else(|| format!("size {s:?} too large"))
+/// Parses `--memory`: the common size grammar
+/// ([`outboard_common::size`], qemu-img's) with plain numbers in MiB, as
+/// qemu's `-m`: `512M`, `1G`, `2048` (MiB), `65536K`, `1.5G`.
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
+    parse_size_in(s, Unit::MiB)
 }
 
 /// Splits `a=b,c=d` into pairs; a bare word is a key with an empty value.
