@@ -46,6 +46,8 @@ OUTBOARD_COMMANDS=(
     "debootstrap|debootstrap|--version"
     "wget|wget|--version"
     "findmnt|util-linux|--version"
+    "setpriv|util-linux|--version"
+    "unshare|util-linux|--version"
     "truncate|coreutils|--version"
 )
 

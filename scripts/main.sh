@@ -32,7 +32,7 @@ cd "$ROOT"
 source "$ROOT/scripts/lib.sh"
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
     exit 0
 fi
 REBUILD_BASE="${OUTBOARD_DEBIAN_REBUILD:-0}"

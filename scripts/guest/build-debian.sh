@@ -2,8 +2,8 @@
 # scripts/guest/build-debian.sh [--rebuild] --img OUTBOARD_IMG OUTDIR — the Debian 12 base image
 # of scripts/main.sh.
 #
-#   1. debootstrap --variant=minbase bookworm (plus the packages in PACKAGES below) into a
-#      scratch directory, from the machine's own Debian mirror: the first bookworm URI of
+#   1. debootstrap --variant=minbase bookworm (plus the packages in PACKAGES below) into
+#      OUTDIR/rootfs, from the machine's own Debian mirror: the first bookworm URI of
 #      /etc/apt/sources.list and /etc/apt/sources.list.d/* ($OUTBOARD_DEBIAN_MIRROR overrides),
 #   2. installs scripts/guest/outboard-init as /sbin/outboard-init (the guest's PID 1: the PVM
 #      guest kernel has no cgroups, so no systemd) and a hostname, fstab and motd,
@@ -14,8 +14,8 @@
 # Cached: OUTDIR/debian-base.stamp holds the hashes of this script and outboard-init and the
 # package set; when it matches, nothing is done. The debootstrap tree (OUTDIR/rootfs) is kept
 # and reused while the suite and package set stay the same. --rebuild (or
-# OUTBOARD_DEBIAN_REBUILD=1) rebuilds both. Concurrent runs serialise on OUTDIR/.lock. Needs root (debootstrap), about
-# a minute and 500 MB of downloads the first time.
+# OUTBOARD_DEBIAN_REBUILD=1) rebuilds both. Concurrent runs serialise on OUTDIR/.lock.
+# Needs root (debootstrap) and, the first time, the mirror: ~150 packages, 2-3 minutes here.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -23,7 +23,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$HERE/../lib.sh"
 
 usage() {
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
     exit "$1"
 }
 REBUILD="${OUTBOARD_DEBIAN_REBUILD:-0}"
