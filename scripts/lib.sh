@@ -12,8 +12,12 @@
 #   e2fsprogs: mke2fs for the PVM guest initramfs and debugfs in the VMM disk test
 #   iproute2: `ip netns`/veth/bridge setup of the network tests (tests/src/netns.rs, VMM NIC)
 #   dpdk-dev: dpdk-testpmd, the virtio-user frontend of tests/tests/net_dpdk.rs
+#   debootstrap, debian-archive-keyring, wget: scripts/guest/build-debian.sh makes the main
+#     job's Debian 12 base image (debootstrap --variant=minbase, signatures checked against
+#     the keyring; wget probes the mirror first, for a clear message when it is unreachable)
 # shellcheck disable=SC2034 # used by the scripts that source this file
-OUTBOARD_APT_PACKAGES=(qemu-utils gcc libc6-dev qemu-system-x86 cpio e2fsprogs iproute2 dpdk-dev)
+OUTBOARD_APT_PACKAGES=(qemu-utils gcc libc6-dev qemu-system-x86 cpio e2fsprogs iproute2 dpdk-dev
+    debootstrap debian-archive-keyring wget)
 
 # Commands the tests and the main job run, each as "COMMAND|PACKAGE|ARGS": checked by
 # running `COMMAND ARGS` (exit 0 required) after the install step, so a package that is
@@ -39,6 +43,12 @@ OUTBOARD_COMMANDS=(
     "dpkg-deb|dpkg|--version"
     "apt-get|apt|--version"
     "ldd|libc-bin|--version"
+    "debootstrap|debootstrap|--version"
+    "wget|wget|--version"
+    "findmnt|util-linux|--version"
+    "setpriv|util-linux|--version"
+    "unshare|util-linux|--version"
+    "truncate|coreutils|--version"
 )
 
 log() { printf '==> %s\n' "$*" >&2; }
