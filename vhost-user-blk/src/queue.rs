@@ -145,8 +145,11 @@ pub struct QueueEngine {
     epoch: Option<Arc<AtomicU64>>,
     /// `epoch` as of the last [`Processed::Interrupted`].
     seen_epoch: u64,
-    /// Rate limit of this queue's error log lines.
+    /// Rate limit of this queue's failed-request log lines.
     log: LogLimit,
+    /// Rate limit of this queue's broken-ring log lines (a separate budget:
+    /// one flood must not hide the other).
+    ring_log: LogLimit,
 }
 
 // SAFETY: the only raw pointers the engine holds are in `iov`, rebuilt for
@@ -215,6 +218,7 @@ impl QueueEngine {
             epoch: None,
             seen_epoch: 0,
             log: LogLimit::new(),
+            ring_log: LogLimit::new(),
         }
     }
 
@@ -375,7 +379,7 @@ impl QueueEngine {
         e: &QueueError,
     ) {
         QueueStats::add(&ctx.stats.ring_errors, 1);
-        if self.log.allow(ctx.index) {
+        if self.ring_log.allow(ctx.index) {
             log::warn!(
                 "queue {}: {}; serving again at the next kick",
                 ctx.index,
