@@ -10,8 +10,11 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BL
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::disk::OpError;
+use crate::errors::{report, LogLimit, RequestError};
 use crate::inflight::QueueInflight;
 use crate::queue::{QueueCtx, QueueError};
+use crate::request::RequestType;
 use crate::stats::QueueStats;
 
 /// How a request ended: its virtio status and the used length.
@@ -45,6 +48,73 @@ impl Done {
             used_len: 1,
         }
     }
+}
+
+/// A request whose disk operation is in flight.
+#[derive(Debug, Clone, Copy)]
+pub struct Pending {
+    /// Its head.
+    pub head: u16,
+    /// Its status byte.
+    pub status: GuestAddress,
+    /// Used length on success.
+    pub used_len: u32,
+    /// Bytes a read or write must transfer.
+    pub expected: u64,
+    /// Its type.
+    pub kind: RequestType,
+}
+
+impl Default for Pending {
+    fn default() -> Self {
+        Pending {
+            head: 0,
+            status: GuestAddress(0),
+            used_len: 0,
+            expected: 0,
+            kind: RequestType::Flush,
+        }
+    }
+}
+
+/// Completes `p` whose disk operation ended with `result` (bytes
+/// transferred or the error): counts it, logs a failure (rate-limited) and
+/// publishes it.
+pub fn op_done<M: GuestMemoryBackend>(
+    ctx: &mut QueueCtx<'_, M>,
+    inflight: Option<&QueueInflight>,
+    log: &mut LogLimit,
+    p: &Pending,
+    result: Result<u64, OpError>,
+) -> Result<(), QueueError> {
+    let stats = ctx.stats;
+    let result = match result {
+        Ok(n) if n == p.expected => Ok(()),
+        Ok(n) => Err(OpError::Short {
+            op: if p.kind == RequestType::In {
+                "read"
+            } else {
+                "write"
+            },
+            done: n,
+            expected: p.expected,
+        }),
+        Err(e) => Err(e),
+    };
+    match p.kind {
+        RequestType::In if result.is_ok() => QueueStats::add(&stats.read_bytes, p.expected),
+        RequestType::Out if result.is_ok() => QueueStats::add(&stats.write_bytes, p.expected),
+        RequestType::Flush => QueueStats::add(&stats.flushes, 1),
+        _ => {}
+    }
+    let done = match result {
+        Ok(()) => Done::ok(p.used_len),
+        Err(e) => {
+            report(log, stats, ctx.index, p.head, &RequestError::Disk(e));
+            Done::err()
+        }
+    };
+    publish(ctx, inflight, p.head, Some(p.status), done)
 }
 
 /// Publishes one completed request: writes its status byte (when the chain

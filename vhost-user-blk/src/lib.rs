@@ -10,9 +10,11 @@
 //!   [`disk::raw`] (io_uring) and [`disk::qcow2`] (synchronous for now).
 //! - [`device`]: the device model: settings, config space, the queues'
 //!   engines and counters, pause/resize (no vhost-user).
-//! - [`queue`]: the per-queue engine: pass loop, waves, polling, dispatch
-//!   to the disk backend; [`queue::QueueCtx`] carries a pass's context.
+//! - [`queue`]: the per-queue engine: pass loop, waves, busy-polling,
+//!   submission to and reaping from the disk backend, inflight recovery;
+//!   [`queue::QueueCtx`] carries a pass's context.
 //! - [`request`]: virtio-blk request parsing from descriptor chains.
+//! - [`dispatch`]: a parsed request into a disk operation (or an answer).
 //! - [`complete`]: status byte, used ring, inflight record, notification
 //!   (`complete::publish` is where completions become visible).
 //! - [`errors`]: why requests fail, counting by kind, the rate-limited log.
@@ -31,8 +33,10 @@ pub mod complete;
 pub mod control;
 pub mod device;
 pub mod disk;
+pub mod dispatch;
 pub mod errors;
 pub mod inflight;
+mod poll;
 pub mod queue;
 pub mod request;
 pub mod server;

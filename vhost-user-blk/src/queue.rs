@@ -33,17 +33,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::chain::ChainWalker;
-use crate::complete::{avail_ok, notify, publish, Done};
-use crate::disk::{
-    open_backend, BackendError, ByteRange, Capabilities, Completion, Disk, DiskBackend, DiskOp,
-    OpError,
-};
+use crate::complete::{avail_ok, notify, op_done, publish, Done, Pending};
+use crate::disk::{open_backend, BackendError, Capabilities, Completion, Disk, DiskBackend};
+use crate::dispatch::{Dispatch, Env, Prepared};
 use crate::errors::{report, Chain, LogLimit, RequestError};
 use crate::inflight::QueueInflight;
-use crate::request::{parse, Request, RequestType, Segments, DWZ_SEGMENT_SIZE, SECTOR_SIZE};
+use crate::poll::PollWindow;
+use crate::request::{parse, Request};
 use crate::stats::QueueStats;
 
 /// Errors that end a pass over a queue (per-request errors become a virtio
@@ -97,42 +96,16 @@ impl<M: GuestMemoryBackend> std::fmt::Debug for QueueCtx<'_, M> {
     }
 }
 
-/// A request whose disk operation is in flight, by tag.
-#[derive(Debug, Clone, Copy)]
-struct Slot {
-    head: u16,
-    status: GuestAddress,
-    used_len: u32,
-    expected: u64,
-    kind: RequestType,
-}
-
-impl Default for Slot {
-    fn default() -> Self {
-        Slot {
-            head: 0,
-            status: GuestAddress(0),
-            used_len: 0,
-            expected: 0,
-            kind: RequestType::Flush,
-        }
-    }
-}
-
 /// The engine of one queue.
 pub struct QueueEngine {
     disk: Box<dyn DiskBackend>,
     caps: Capabilities,
-    slots: Vec<Slot>,
+    /// Requests in flight, by tag.
+    slots: Vec<Pending>,
     /// Tags not in flight.
     free: Vec<usize>,
-    segs: Segments,
-    /// Guest-memory iovecs of the request being submitted.
-    iov: Vec<libc::iovec>,
-    /// Ranges of the discard / write-zeroes being submitted.
-    ranges: Vec<ByteRange>,
-    /// Raw discard / write-zeroes segments read from the guest.
-    dwz: Vec<u8>,
+    /// Request-to-operation buffers.
+    dispatch: Dispatch,
     /// Inflight tracking shared with the frontend, if it set one up.
     inflight: Option<QueueInflight>,
     /// Recover from `inflight` before the next pass.
@@ -151,11 +124,6 @@ pub struct QueueEngine {
     /// one flood must not hide the other).
     ring_log: LogLimit,
 }
-
-// SAFETY: the only raw pointers the engine holds are in `iov`, rebuilt for
-// each request from guest memory its caller keeps mapped during the pass;
-// an engine is used by one thread at a time (behind its device's mutex).
-unsafe impl Send for QueueEngine {}
 
 /// How [`QueueEngine::process`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,12 +173,9 @@ impl QueueEngine {
         QueueEngine {
             caps: disk.capabilities(),
             disk,
-            slots: vec![Slot::default(); depth],
+            slots: vec![Pending::default(); depth],
             free: (0..depth).rev().collect(),
-            segs: Segments::default(),
-            iov: Vec::new(),
-            ranges: Vec::new(),
-            dwz: Vec::new(),
+            dispatch: Dispatch::default(),
             inflight: None,
             recover: false,
             resubmit: Vec::new(),
@@ -417,7 +382,7 @@ impl QueueEngine {
                 let (head, parsed) = if let Some(head) = self.resubmit.pop() {
                     let table = GuestAddress(ctx.q.desc_table());
                     let chain = ChainWalker::new(ctx.mem, table, ctx.q.size(), head);
-                    (head, parse(ctx.mem, chain, &mut self.segs))
+                    (head, parse(ctx.mem, chain, &mut self.dispatch.segs))
                 } else {
                     avail_ok(ctx)?;
                     let Some(chain) = ctx.q.pop_descriptor_chain(ctx.mem) else {
@@ -428,7 +393,7 @@ impl QueueEngine {
                     if let Some(t) = self.inflight.as_mut() {
                         t.begin(head);
                     }
-                    (head, parse(ctx.mem, chain, &mut self.segs))
+                    (head, parse(ctx.mem, chain, &mut self.dispatch.segs))
                 };
                 taken += 1;
                 let (status, done) = match parsed {
@@ -491,134 +456,30 @@ impl QueueEngine {
         req: &Request,
         tag: usize,
     ) -> Result<Started, RequestError> {
-        let writes = matches!(
-            req.ty,
-            RequestType::Out | RequestType::Discard | RequestType::WriteZeroes
-        );
-        if writes && self.caps.read_only {
-            return Err(RequestError::ReadOnly);
-        }
-        let mut slot = Slot {
-            head,
-            status: req.status,
-            used_len: 1,
-            expected: 0,
-            kind: req.ty,
+        let env = Env {
+            caps: self.caps,
+            size: self.disk.size(),
+            writeback: ctx.writeback,
+            settings: ctx.settings,
         };
-        let op = match req.ty {
-            RequestType::In | RequestType::Out => {
-                let off = data_range(self.disk.size(), req).ok_or(RequestError::OutOfRange {
-                    sector: req.sector,
-                    len: req.len,
-                })?;
-                if req.ty == RequestType::In {
-                    slot.used_len = req.len as u32 + 1;
-                }
-                if req.len == 0 {
-                    return Ok(Started::Done(Done::ok(slot.used_len)));
-                }
-                slot.expected = req.len;
-                self.iov.clear();
-                for &(addr, len) in &self.segs.data {
-                    let vs = ctx
-                        .mem
-                        .get_slice(addr, len as usize)
-                        .map_err(|_| RequestError::GuestMemory)?;
-                    self.iov.push(libc::iovec {
-                        iov_base: vs.ptr_guard_mut().as_ptr().cast(),
-                        iov_len: len as usize,
-                    });
-                }
-                if req.ty == RequestType::In {
-                    DiskOp::Read {
-                        offset: off,
-                        iov: &self.iov,
-                    }
-                } else {
-                    DiskOp::Write {
-                        offset: off,
-                        iov: &self.iov,
-                        durable: !ctx.writeback,
-                    }
-                }
-            }
-            RequestType::Flush => DiskOp::Flush,
-            RequestType::GetId => {
-                let serial = &ctx.settings.serial;
-                let n = (req.len as usize).min(serial.len()).min(20);
-                let mut id = [0u8; 20];
-                id[..n].copy_from_slice(&serial[..n]);
-                let want = (req.len as usize).min(20);
-                scatter(ctx.mem, &self.segs, &id[..want])?;
-                return Ok(Started::Done(Done::ok(want as u32 + 1)));
-            }
-            RequestType::Discard | RequestType::WriteZeroes => {
-                let supported = if req.ty == RequestType::Discard {
-                    self.caps.discard
-                } else {
-                    self.caps.write_zeroes
+        match self.dispatch.prepare(ctx.mem, env, req)? {
+            Prepared::Done(d) => Ok(Started::Done(d)),
+            Prepared::Op {
+                op,
+                used_len,
+                expected,
+            } => {
+                self.disk.submit(tag, op).map_err(RequestError::Disk)?;
+                self.slots[tag] = Pending {
+                    head,
+                    status: req.status,
+                    used_len,
+                    expected,
+                    kind: req.ty,
                 };
-                if !supported {
-                    return Ok(Started::Done(Done::unsupp()));
-                }
-                if let Some(d) = self.dwz_ranges(ctx, req)? {
-                    return Ok(Started::Done(d));
-                }
-                if req.ty == RequestType::Discard {
-                    DiskOp::Discard(&self.ranges)
-                } else {
-                    DiskOp::WriteZeroes(&self.ranges)
-                }
-            }
-            RequestType::Unsupported(_) => return Ok(Started::Done(Done::unsupp())),
-        };
-        match self.disk.submit(tag, op) {
-            Ok(()) => {
-                self.slots[tag] = slot;
                 Ok(Started::Queued)
             }
-            Err(e) => Err(RequestError::Disk(e)),
         }
-    }
-
-    /// Reads and checks the segments of a discard / write-zeroes into
-    /// `self.ranges`; `Some` when the request ends here (UNSUPP).
-    fn dwz_ranges<M: GuestMemoryBackend>(
-        &mut self,
-        ctx: &QueueCtx<'_, M>,
-        req: &Request,
-    ) -> Result<Option<Done>, RequestError> {
-        let len = req.len as usize;
-        if req.len == 0 || !req.len.is_multiple_of(DWZ_SEGMENT_SIZE) {
-            return Err(RequestError::BadRanges("payload is not whole segments"));
-        }
-        if req.len / DWZ_SEGMENT_SIZE > u64::from(ctx.settings.max_dwz_segments) {
-            return Err(RequestError::BadRanges("too many segments"));
-        }
-        if self.dwz.len() < len {
-            self.dwz.resize(len, 0);
-        }
-        gather(ctx.mem, &self.segs, &mut self.dwz[..len])?;
-        self.ranges.clear();
-        for seg in self.dwz[..len].chunks_exact(DWZ_SEGMENT_SIZE as usize) {
-            let sector = u64::from_le_bytes([
-                seg[0], seg[1], seg[2], seg[3], seg[4], seg[5], seg[6], seg[7],
-            ]);
-            let num = u64::from(u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]));
-            let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
-            let unmap = flags & 1 != 0;
-            if flags & !1 != 0 || (req.ty == RequestType::Discard && unmap) {
-                return Ok(Some(Done::unsupp()));
-            }
-            let (Some(offset), Some(len)) = (
-                sector.checked_mul(SECTOR_SIZE),
-                num.checked_mul(SECTOR_SIZE),
-            ) else {
-                return Err(RequestError::BadRanges("range overflows"));
-            };
-            self.ranges.push(ByteRange { offset, len, unmap });
-        }
-        Ok(None)
     }
 
     /// Completes every operation the backend has finished; returns how many.
@@ -636,41 +497,12 @@ impl QueueEngine {
         } = self;
         let mut first_err = None;
         let n = disk.reap(&mut |c: Completion| {
-            let Some(s) = slots.get(c.tag).copied() else {
+            let Some(p) = slots.get(c.tag) else {
                 return;
             };
             free.push(c.tag);
-            let stats = ctx.stats;
-            let result = match c.result {
-                Ok(n) if n == s.expected => Ok(()),
-                Ok(n) => Err(OpError::Short {
-                    op: if s.kind == RequestType::In {
-                        "read"
-                    } else {
-                        "write"
-                    },
-                    done: n,
-                    expected: s.expected,
-                }),
-                Err(e) => Err(e),
-            };
-            match s.kind {
-                RequestType::In if result.is_ok() => QueueStats::add(&stats.read_bytes, s.expected),
-                RequestType::Out if result.is_ok() => {
-                    QueueStats::add(&stats.write_bytes, s.expected)
-                }
-                RequestType::Flush => QueueStats::add(&stats.flushes, 1),
-                _ => {}
-            }
-            let done = match result {
-                Ok(()) => Done::ok(s.used_len),
-                Err(e) => {
-                    report(log, stats, ctx.index, s.head, &RequestError::Disk(e));
-                    Done::err()
-                }
-            };
             if first_err.is_none() {
-                if let Err(e) = publish(ctx, inflight.as_ref(), s.head, Some(s.status), done) {
+                if let Err(e) = op_done(ctx, inflight.as_ref(), log, p, c.result) {
                     first_err = Some(e);
                 }
             }
@@ -685,96 +517,6 @@ impl QueueEngine {
 /// Requests taken from the ring per wave before the wave is submitted and
 /// its completions are returned (see `run_pipeline`).
 const WAVE: usize = 8;
-
-/// Byte offset of an In/Out request if it is sector-aligned and in range.
-fn data_range(size: u64, req: &Request) -> Option<u64> {
-    if !req.len.is_multiple_of(SECTOR_SIZE) {
-        return None;
-    }
-    let off = req.sector.checked_mul(SECTOR_SIZE)?;
-    (off.checked_add(req.len)? <= size).then_some(off)
-}
-
-/// Copies `buf` into the payload segments (device-writable).
-fn scatter<M: GuestMemoryBackend>(
-    mem: &M,
-    segs: &Segments,
-    mut buf: &[u8],
-) -> Result<(), RequestError> {
-    for &(addr, len) in &segs.data {
-        if buf.is_empty() {
-            break;
-        }
-        let n = (len as usize).min(buf.len());
-        mem.write_slice(&buf[..n], addr)
-            .map_err(|_| RequestError::GuestMemory)?;
-        buf = &buf[n..];
-    }
-    Ok(())
-}
-
-/// Copies the payload segments (device-readable) into `buf`.
-fn gather<M: GuestMemoryBackend>(
-    mem: &M,
-    segs: &Segments,
-    mut buf: &mut [u8],
-) -> Result<(), RequestError> {
-    for &(addr, len) in &segs.data {
-        if buf.is_empty() {
-            break;
-        }
-        let n = (len as usize).min(buf.len());
-        mem.read_slice(&mut buf[..n], addr)
-            .map_err(|_| RequestError::GuestMemory)?;
-        buf = &mut buf[n..];
-    }
-    Ok(())
-}
-
-/// Shortest poll window worth spinning for.
-const MIN_POLL: Duration = Duration::from_micros(2);
-
-/// The busy-poll window after the queue runs dry, adapted like QEMU's
-/// aio-poll: when the queue is woken by a kick sooner than the largest
-/// window (`--poll-us`), polling that long would have caught the request
-/// without the kick and the wake-up, so the window grows; when it slept
-/// longer, polling would have been wasted and the window shrinks. An idle
-/// queue thus stops spinning, a busy one spins just long enough.
-#[derive(Debug, Default)]
-struct PollWindow {
-    window: Duration,
-    asleep_since: Option<Instant>,
-}
-
-impl PollWindow {
-    /// The queue is about to wait for a kick.
-    fn sleeping(&mut self) {
-        self.asleep_since = Some(Instant::now());
-    }
-
-    /// The queue was woken; `max` is the largest window (zero: no polling).
-    fn woken(&mut self, max: Duration) {
-        if let Some(since) = self.asleep_since.take() {
-            self.adapt(since.elapsed(), max);
-        }
-    }
-
-    /// Adapts the window to a sleep of `slept`.
-    fn adapt(&mut self, slept: Duration, max: Duration) {
-        if max.is_zero() {
-            self.window = Duration::ZERO;
-            return;
-        }
-        if slept >= max {
-            self.window /= 2;
-            if self.window < MIN_POLL {
-                self.window = Duration::ZERO;
-            }
-        } else if slept > self.window {
-            self.window = (self.window * 2).max(MIN_POLL).min(max);
-        }
-    }
-}
 
 impl QueueEngine {
     /// Polls the available ring for up to the current poll window; `true`
@@ -799,45 +541,5 @@ impl QueueEngine {
             std::thread::yield_now();
         }
         Ok(false)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MAX: Duration = Duration::from_micros(50);
-
-    #[test]
-    fn poll_window_grows_on_short_sleeps_and_shrinks_to_zero_when_idle() {
-        let mut p = PollWindow::default();
-        assert_eq!(p.window, Duration::ZERO);
-        // Kicked 10 us after going to sleep, again and again: the window
-        // grows past 10 us (polling would have caught it) up to the cap.
-        let short = Duration::from_micros(10);
-        let mut steps = 0;
-        while p.window <= short {
-            p.adapt(short, MAX);
-            steps += 1;
-            assert!(steps < 10, "window stuck at {:?}", p.window);
-        }
-        assert!(p.window <= MAX);
-        // A sleep shorter than the window (the poll itself failed just
-        // before) does not grow it further.
-        let w = p.window;
-        p.adapt(w / 2, MAX);
-        assert_eq!(p.window, w);
-        // Long sleeps: the window halves down to nothing.
-        for _ in 0..10 {
-            p.adapt(Duration::from_millis(5), MAX);
-        }
-        assert_eq!(p.window, Duration::ZERO);
-        // Growth never exceeds the cap; a zero cap switches polling off.
-        for _ in 0..20 {
-            p.adapt(Duration::from_micros(49), MAX);
-        }
-        assert_eq!(p.window, MAX);
-        p.adapt(short, Duration::ZERO);
-        assert_eq!(p.window, Duration::ZERO);
     }
 }
