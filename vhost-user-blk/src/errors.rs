@@ -185,6 +185,11 @@ mod tests {
         });
         assert_eq!(corrupt.kind(), ErrorKind::Corrupt);
         corrupt.count(&stats);
+        let qcow2_nospc = RequestError::Disk(OpError::Disk {
+            op: "write",
+            source: crate::disk::DiskError::Qcow2(qcow2::Error::NoSpace),
+        });
+        assert_eq!(qcow2_nospc.kind(), ErrorKind::NoSpace);
         RequestError::Malformed(ParseError::NoStatus).count(&stats);
         let eio = RequestError::Disk(OpError::Os {
             op: "read",

@@ -349,7 +349,10 @@ impl DiskError {
         match self {
             DiskError::Io { source, .. } | DiskError::Open { source, .. } => errno_kind(source),
             DiskError::Qcow2(q) => match q {
-                ::qcow2::Error::Corrupt(_) | ::qcow2::Error::MarkedCorrupt => FailureKind::Corrupt,
+                ::qcow2::Error::Corrupt(_)
+                | ::qcow2::Error::MarkedCorrupt
+                | ::qcow2::Error::Decompress { .. } => FailureKind::Corrupt,
+                ::qcow2::Error::NoSpace => FailureKind::NoSpace,
                 ::qcow2::Error::Io { source, .. } => errno_kind(source),
                 _ => FailureKind::Io,
             },
