@@ -22,11 +22,12 @@ use std::time::Duration;
 
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
-use vhost_user_blk::backend::{BlkBackend, BlkDevice};
+use vhost_user_blk::backend::BlkBackend;
+use vhost_user_blk::device::BlkDevice;
 use vhost_user_blk::disk::Disk;
 use vhost_user_blk::inflight::{self, InflightRegion};
+use vhost_user_blk::queue::{DeviceSettings, QueueCtx, QueueEngine};
 use vhost_user_blk::stats::QueueStats;
-use vhost_user_blk::worker::{DeviceSettings, Worker};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -106,7 +107,7 @@ pub fn virtio_blk_queue(data: &[u8]) -> u64 {
     let _ = mem.write_obj(avail_idx.to_le(), GuestAddress(AVAIL + 2));
     let d = disks();
     let disk = if flags & 1 != 0 { &d.qcow2 } else { &d.raw };
-    let Ok(mut worker) = Worker::new(disk, size) else {
+    let Ok(mut worker) = QueueEngine::new(disk, size) else {
         return 0;
     };
     let mut q = match Queue::new(size) {
@@ -143,15 +144,16 @@ pub fn virtio_blk_queue(data: &[u8]) -> u64 {
         _region_file = file;
     }
     let stats = QueueStats::default();
-    let _ = worker.process(
-        disk,
-        &settings(),
-        flags & 8 == 0,
-        &mut q,
-        &mem,
-        &stats,
-        &mut || {},
-    );
+    let settings = settings();
+    let _ = worker.process(&mut QueueCtx {
+        index: 0,
+        settings: &settings,
+        writeback: flags & 8 == 0,
+        q: &mut q,
+        mem: &mem,
+        stats: &stats,
+        signal: &mut || {},
+    });
     stats.requests.load(std::sync::atomic::Ordering::Relaxed)
 }
 
@@ -183,7 +185,8 @@ pub fn vhost_user_messages(data: &[u8]) -> u64 {
         return 0;
     };
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let Ok(mut daemon) = VhostUserDaemon::new("fuzz".into(), BlkBackend(Arc::new(device)), mem)
+    let Ok(mut daemon) =
+        VhostUserDaemon::new("fuzz".into(), BlkBackend::new(Arc::new(device)), mem)
     else {
         return 0;
     };

@@ -5,12 +5,19 @@
 //! serving reads of what was written; for raw, freeing space (a discard
 //! punches the file) makes writes succeed again; for qcow2, the image has
 //! no corruption afterwards (`qemu-img check`) and holds every completed
-//! write. Needs root (it mounts the tmpfs).
+//! write. Each failed write is counted as `err_no_space` in the control
+//! socket's stats and logged with its cause. Needs root (it mounts the
+//! tmpfs).
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
-use outboard_tests::blkio_client::{create_image, ClientOptions, Daemon, DaemonConfig, Format};
+use outboard_tests::blkio_client::{
+    create_image, ours_command, ClientOptions, Daemon, DaemonConfig, Format,
+};
 
 const TMPFS_MIB: u64 = 8;
 const DISK: u64 = 32 << 20;
@@ -78,8 +85,38 @@ fn start(image: &Path, format: Format, dir: &Path) -> Daemon {
         num_queues: 1,
         direct: false,
     };
-    Daemon::ours(&outboard_tests::workspace_binary("vhost-user-blk"), &cfg)
+    let mut cmd = ours_command(&outboard_tests::workspace_binary("vhost-user-blk"), &cfg);
+    cmd.arg("--control-socket").arg(control_socket(format, dir));
+    Daemon::spawn("vhost-user-blk", cmd, &cfg.socket, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn control_socket(format: Format, dir: &Path) -> PathBuf {
+    dir.join(format!("{format}-ctl.sock"))
+}
+
+/// The failed writes were counted as "no space" (not as generic I/O
+/// errors) and logged with their cause.
+fn check_counted_as_no_space(format: Format, dir: &Path, daemon: &Daemon) {
+    let mut s = UnixStream::connect(control_socket(format, dir)).expect("control socket");
+    s.write_all(b"{\"cmd\":\"stats\"}\n")
+        .expect("stats request");
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).expect("stats reply");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("stats json");
+    let q = &v["queues"][0];
+    let n = |k: &str| q[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"));
+    assert!(n("err_no_space") >= 1, "ENOSPC counted as no space: {v}");
+    assert_eq!(
+        n("err_io") + n("err_corrupt"),
+        0,
+        "nothing else failed: {v}"
+    );
+    let log = daemon.log_text();
+    assert!(
+        log.to_lowercase().contains("no space left"),
+        "the failure is logged with its cause:\n{log}"
+    );
 }
 
 fn check_prefix(client: &mut outboard_tests::blkio_client::BlkClient, n: usize) {
@@ -104,6 +141,7 @@ fn raw_enospc_fails_the_request_and_the_daemon_recovers_when_space_returns() {
         "{n} MiB written before ENOSPC"
     );
     check_prefix(&mut client, n);
+    check_counted_as_no_space(Format::Raw, fs.1.path(), &daemon);
     // Free the first 4 MiB (punched out of the sparse file) and write again.
     client.discard(0, 4 << 20).expect("discard frees space");
     client
@@ -129,6 +167,7 @@ fn qcow2_enospc_fails_the_request_and_leaves_a_consistent_image() {
         "{n} MiB written before ENOSPC"
     );
     check_prefix(&mut client, n);
+    check_counted_as_no_space(Format::Qcow2, fs.1.path(), &daemon);
     // Flushing may fail too while the disk is full; the daemon must survive.
     let _ = client.flush();
     assert!(daemon.is_running(), "{}", daemon.log_text());

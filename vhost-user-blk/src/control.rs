@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::backend::BlkDevice;
+use crate::device::BlkDevice;
 
 pub use outboard_common::control::ControlError;
 
@@ -32,7 +32,7 @@ pub fn handle(req: &Value, device: &BlkDevice) -> Value {
         Some("snapshot-list") => qcow2_of(device).map(|q| json!({"snapshots": snapshots(q)})),
         Some("snapshot-delete") => name(req).and_then(|n| {
             let q = qcow2_of(device)?;
-            quiesced(device, || q.snapshot_delete(n).map_err(|e| e.to_string()))?;
+            device.quiesced(|| q.snapshot_delete(n).map_err(|e| e.to_string()))?;
             Ok(json!({}))
         }),
         Some("resize") => match req.get("size").and_then(Value::as_u64) {
@@ -82,36 +82,13 @@ fn snapshots(q: &qcow2::Qcow2) -> Vec<Value> {
         .collect()
 }
 
-/// Runs `f` with the queues stopped and drained and the disk flushed.
-fn quiesced<T>(device: &BlkDevice, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
-    device.pause(true);
-    let r = device
-        .disk
-        .flush()
-        .map_err(|e| format!("flush: {e}"))
-        .and_then(|()| f());
-    device.pause(false);
-    r
-}
-
 fn snapshot_create(device: &BlkDevice, name: &str) -> Result<Value, String> {
     let q = qcow2_of(device)?;
-    let sn = quiesced(device, || {
-        q.snapshot_create(name).map_err(|e| e.to_string())
-    })?;
+    let sn = device.quiesced(|| q.snapshot_create(name).map_err(|e| e.to_string()))?;
     Ok(json!({"id": sn.id, "name": sn.name}))
 }
 
 fn resize(device: &BlkDevice, size: u64) -> Result<Value, String> {
-    quiesced(device, || {
-        device.disk.resize(size).map_err(|e| e.to_string())
-    })?;
-    let notified = match device.notify_config_change() {
-        Ok(()) => true,
-        Err(e) => {
-            log::warn!("resize: guest not notified: {e}");
-            false
-        }
-    };
+    let notified = device.resize(size)?;
     Ok(json!({"size": size, "guest_notified": notified}))
 }

@@ -5,37 +5,52 @@
 //!
 //! # Modules
 //! - [`cli`]: command line and its validation into a `Config`.
-//! - [`disk`]: raw file / block device or qcow2 image behind one type.
+//! - [`disk`]: the image (raw file / block device or qcow2) and the
+//!   [`disk::DiskBackend`] trait the queue engine does I/O through, with
+//!   [`disk::raw`] (io_uring) and [`disk::qcow2`] (synchronous for now).
+//! - [`device`]: the device model: settings, config space, the queues'
+//!   engines and counters, pause/resize (no vhost-user).
+//! - [`queue`]: the per-queue engine: pass loop, waves, busy-polling,
+//!   submission to and reaping from the disk backend, inflight recovery;
+//!   [`queue::QueueCtx`] carries a pass's context.
 //! - [`request`]: virtio-blk request parsing from descriptor chains.
+//! - [`dispatch`]: a parsed request into a disk operation (or an answer).
+//! - [`complete`]: status byte, used ring, inflight record, notification
+//!   (`complete::publish` is where completions become visible).
+//! - [`errors`]: why requests fail, counting by kind, the rate-limited log.
 //! - [`chain`]: walking a descriptor chain from a head index (resubmission).
 //! - [`inflight`]: the inflight I/O tracking region (crash recovery).
-//! - [`worker`]: the per-queue engine (io_uring for raw, the qcow2 crate for qcow2).
 //! - [`virtio`]: feature bits and the configuration space.
 //! - [`stats`]: per-queue counters.
-//! - [`backend`]: the `VhostUserBackend` adapter.
+//! - [`backend`]: the `VhostUserBackend` adapter (delegates to [`device`]).
 //! - [`server`]: listening, re-listening after a disconnect, `--fd`.
 //! - [`control`]: the JSON-lines control socket (stats, live snapshots, resize).
 
 pub mod backend;
 pub mod chain;
 pub mod cli;
+pub mod complete;
 pub mod control;
+pub mod device;
 pub mod disk;
+pub mod dispatch;
+pub mod errors;
 pub mod inflight;
+mod poll;
+pub mod queue;
 pub mod request;
 pub mod server;
 pub mod stats;
 pub mod virtio;
-pub mod worker;
 
 use std::sync::Arc;
 
 use outboard_common::daemon;
 
-use crate::backend::BlkDevice;
 use crate::cli::Config;
+use crate::device::BlkDevice;
 use crate::disk::Disk;
-use crate::worker::DeviceSettings;
+use crate::queue::DeviceSettings;
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +69,7 @@ pub enum Error {
     Probe(#[source] qcow2::Error),
     /// The device could not be set up.
     #[error("device setup")]
-    Device(#[source] worker::WorkerError),
+    Device(#[source] device::DeviceError),
     /// The prologue (sockets, signals, sandbox) or serving failed.
     #[error(transparent)]
     Daemon(#[from] daemon::DaemonError),

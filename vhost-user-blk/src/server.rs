@@ -8,14 +8,15 @@ use std::sync::Arc;
 use outboard_common::server::Session;
 pub use outboard_common::server::{bind, from_fd, ServeError};
 
-use crate::backend::{BlkBackend, BlkDevice};
+use crate::backend::BlkBackend;
+use crate::device::BlkDevice;
 
-struct BlkSession(Arc<BlkDevice>);
+struct BlkSession(BlkBackend);
 
 impl Session<BlkBackend> for BlkSession {
     fn disconnected(&mut self) {
         self.0.disconnected();
-        if let Err(e) = self.0.disk.flush() {
+        if let Err(e) = self.0.device.disk.flush() {
             log::error!("flush after disconnect failed: {e}");
         }
     }
@@ -24,6 +25,11 @@ impl Session<BlkBackend> for BlkSession {
 /// Serves frontends one after another, forever (or until the process is
 /// terminated by a signal, see `main`).
 pub fn serve(device: Arc<BlkDevice>, listener: UnixListener) -> Result<(), ServeError> {
-    let backend = BlkBackend(device.clone());
-    outboard_common::server::serve("vhost-user-blk", backend, listener, &mut BlkSession(device))
+    let backend = BlkBackend::new(device);
+    outboard_common::server::serve(
+        "vhost-user-blk",
+        backend.clone(),
+        listener,
+        &mut BlkSession(backend),
+    )
 }

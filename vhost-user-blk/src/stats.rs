@@ -19,6 +19,19 @@ pub struct QueueStats {
     pub unsupported: AtomicU64,
     /// Chains that were not valid requests.
     pub malformed: AtomicU64,
+    /// Failed requests by kind (each failed request counts in exactly one):
+    /// host I/O errors,
+    pub err_io: AtomicU64,
+    /// no space (or quota) on the host,
+    pub err_no_space: AtomicU64,
+    /// a corrupt image,
+    pub err_corrupt: AtomicU64,
+    /// malformed or invalid requests (`malformed` chains, and valid chains
+    /// the device refuses: out of range, read-only, bad discard ranges).
+    pub err_malformed: AtomicU64,
+    /// Times the ring itself was found broken (e.g. an available index no
+    /// ring can hold): the queue stops until the driver kicks again.
+    pub ring_errors: AtomicU64,
 }
 
 impl QueueStats {
@@ -39,6 +52,11 @@ impl QueueStats {
             "io_errors": g(&self.io_errors),
             "unsupported": g(&self.unsupported),
             "malformed": g(&self.malformed),
+            "err_io": g(&self.err_io),
+            "err_no_space": g(&self.err_no_space),
+            "err_corrupt": g(&self.err_corrupt),
+            "err_malformed": g(&self.err_malformed),
+            "ring_errors": g(&self.ring_errors),
         })
     }
 }

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use vhost_user_blk::disk::Disk;
 use vhost_user_blk::inflight::{self, InflightRegion};
+use vhost_user_blk::queue::{DeviceSettings, QueueCtx, QueueEngine};
 use vhost_user_blk::stats::QueueStats;
-use vhost_user_blk::worker::{DeviceSettings, Worker};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -58,7 +58,7 @@ fn status_of(mem: &GuestMemoryMmap, k: u16) -> u8 {
 
 struct Rig {
     disk: Arc<Disk>,
-    worker: Worker,
+    worker: QueueEngine,
     region: File,
     size: u64,
     _dir: tempfile::TempDir,
@@ -76,7 +76,7 @@ fn rig() -> (GuestMemoryMmap, Rig) {
     // qcow2 requests complete synchronously, in submission order.
     let disk = Arc::new(Disk::open(&path, qcow2::ImageFormat::Qcow2, false, false).expect("open"));
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).expect("mem");
-    let worker = Worker::new(&disk, QSIZE).expect("worker");
+    let worker = QueueEngine::new(&disk, QSIZE).expect("worker");
     let (region, size) = inflight::create(1, QSIZE).expect("memfd");
     let rig = Rig {
         disk,
@@ -103,7 +103,15 @@ impl Rig {
         };
         let stats = QueueStats::default();
         self.worker
-            .process(&self.disk, &settings, true, q, mem, &stats, &mut || {})
+            .process(&mut QueueCtx {
+                index: 0,
+                settings: &settings,
+                writeback: true,
+                q,
+                mem,
+                stats: &stats,
+                signal: &mut || {},
+            })
             .expect("process");
     }
 

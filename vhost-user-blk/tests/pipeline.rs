@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vhost_user_blk::disk::Disk;
+use vhost_user_blk::queue::{DeviceSettings, Processed, QueueCtx, QueueEngine};
 use vhost_user_blk::stats::QueueStats;
-use vhost_user_blk::worker::{DeviceSettings, Processed, Worker};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -99,15 +99,14 @@ fn segments(b: usize, flags: u16) -> Vec<(u64, u32, u16)> {
 }
 
 /// Runs the queue; returns the number of driver notifications.
-fn process(worker: &mut Worker, disk: &Disk, q: &mut Queue, mem: &GuestMemoryMmap) -> usize {
-    let (signals, how) = process_once(worker, disk, q, mem);
+fn process(worker: &mut QueueEngine, q: &mut Queue, mem: &GuestMemoryMmap) -> usize {
+    let (signals, how) = process_once(worker, q, mem);
     assert_eq!(how, Processed::Idle);
     signals
 }
 
 fn process_once(
-    worker: &mut Worker,
-    disk: &Disk,
+    worker: &mut QueueEngine,
     q: &mut Queue,
     mem: &GuestMemoryMmap,
 ) -> (usize, Processed) {
@@ -119,7 +118,15 @@ fn process_once(
     let stats = QueueStats::default();
     let mut signals = 0;
     let how = worker
-        .process(disk, &settings, true, q, mem, &stats, &mut || signals += 1)
+        .process(&mut QueueCtx {
+            index: 0,
+            settings: &settings,
+            writeback: true,
+            q,
+            mem,
+            stats: &stats,
+            signal: &mut || signals += 1,
+        })
         .expect("process");
     (signals, how)
 }
@@ -187,7 +194,7 @@ fn run(format: qcow2::ImageFormat) {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("memory");
     let vq = MockSplitQueue::new(&mem, QUEUE);
     let mut q: Queue = vq.create_queue().expect("queue");
-    let mut worker = Worker::new(&disk, DEPTH).expect("worker");
+    let mut worker = QueueEngine::new(&disk, DEPTH).expect("worker");
 
     // Writes: request b writes pattern(b) to block b.
     for b in 0..BLOCKS {
@@ -206,7 +213,7 @@ fn run(format: qcow2::ImageFormat) {
         let sector = (b * BLOCK / 512) as u64;
         chains.add(b as u64, VIRTIO_BLK_T_OUT, sector, &segments(b, 0));
     }
-    let signals = process(&mut worker, &disk, &mut q, &mem);
+    let signals = process(&mut worker, &mut q, &mem);
     check_used(&vq, &mem, 0, &chains, 0, |_| 1, &heads);
     assert!(
         signals > 1,
@@ -244,7 +251,7 @@ fn run(format: qcow2::ImageFormat) {
         let sector = (src * BLOCK / 512) as u64;
         chains.add(n, VIRTIO_BLK_T_IN, sector, &segments(b, W));
     }
-    process(&mut worker, &disk, &mut q, &mem);
+    process(&mut worker, &mut q, &mem);
     let len_of = |n: u64| if n == flush { 1 } else { BLOCK as u32 + 1 };
     check_used(&vq, &mem, from, &chains, first, len_of, &heads);
     for b in 0..BLOCKS {
@@ -276,7 +283,7 @@ fn interrupted_pass_leaves_the_chains_for_the_next() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("memory");
     let vq = MockSplitQueue::new(&mem, QUEUE);
     let mut q: Queue = vq.create_queue().expect("queue");
-    let mut worker = Worker::new(&disk, DEPTH).expect("worker");
+    let mut worker = QueueEngine::new(&disk, DEPTH).expect("worker");
     let epoch = Arc::new(AtomicU64::new(0));
     worker.watch(epoch.clone());
     let mut chains = Chains {
@@ -294,7 +301,7 @@ fn interrupted_pass_leaves_the_chains_for_the_next() {
         chains.add(b as u64, VIRTIO_BLK_T_OUT, sector, &segments(b, 0));
     }
     epoch.fetch_add(1, Ordering::AcqRel);
-    let (_, how) = process_once(&mut worker, &disk, &mut q, &mem);
+    let (_, how) = process_once(&mut worker, &mut q, &mem);
     assert_eq!(how, Processed::Interrupted);
     assert_eq!(
         vq.used().idx().load(),
@@ -302,6 +309,6 @@ fn interrupted_pass_leaves_the_chains_for_the_next() {
         "no chain taken while interrupted"
     );
     assert_eq!(q.next_avail(), 0);
-    process(&mut worker, &disk, &mut q, &mem);
+    process(&mut worker, &mut q, &mem);
     check_used(&vq, &mem, 0, &chains, 0, |_| 1, &heads);
 }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vhost_user_blk::disk::Disk;
+use vhost_user_blk::queue::{DeviceSettings, QueueCtx, QueueEngine};
 use vhost_user_blk::stats::QueueStats;
-use vhost_user_blk::worker::{DeviceSettings, Worker};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -25,7 +25,7 @@ const W: u16 = VRING_DESC_F_WRITE as u16;
 
 struct Dev {
     disk: Arc<Disk>,
-    worker: Worker,
+    worker: QueueEngine,
     stats: QueueStats,
 }
 
@@ -55,7 +55,7 @@ fn rig(format: qcow2::ImageFormat, read_only: bool) -> Rig {
     let disk = Arc::new(Disk::open(&path, format, read_only, false).expect("open disk"));
     let mem =
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).expect("guest memory");
-    let worker = Worker::new(&disk, 16).expect("worker");
+    let worker = QueueEngine::new(&disk, 16).expect("worker");
     Rig {
         mem,
         dev: Dev {
@@ -83,16 +83,17 @@ impl Dev {
     fn run(&mut self, mem: &GuestMemoryMmap, vq: &MockSplitQueue<GuestMemoryMmap>) -> (u32, u8) {
         let mut q: Queue = vq.create_queue().expect("queue");
         let mut signals = 0;
+        let settings = settings();
         self.worker
-            .process(
-                &self.disk,
-                &settings(),
-                true,
-                &mut q,
+            .process(&mut QueueCtx {
+                index: 0,
+                settings: &settings,
+                writeback: true,
+                q: &mut q,
                 mem,
-                &self.stats,
-                &mut || signals += 1,
-            )
+                stats: &self.stats,
+                signal: &mut || signals += 1,
+            })
             .expect("process");
         let used = vq.used().ring().ref_at(0).expect("used").load();
         assert_eq!(vq.used().idx().load(), 1, "exactly one chain completed");
