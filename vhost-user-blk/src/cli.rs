@@ -108,6 +108,19 @@ pub struct Args {
     /// Permissions of the --socket-path socket file, in octal (e.g. 0660).
     #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
     pub socket_mode: Option<u32>,
+    /// TEST ONLY, hidden from --help, off (0) by default: hold each wave of
+    /// completions this many milliseconds (at most 10000) after its I/O
+    /// finished before returning it to the guest, so that requests are in
+    /// flight (recorded in the inflight region) whenever a crash test kills
+    /// the daemon. Never use it in production: it only adds latency.
+    #[arg(
+        long,
+        hide = true,
+        value_name = "MS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(u64).range(0..=10_000)
+    )]
+    pub test_hold_completions_ms: u64,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -157,6 +170,9 @@ pub struct Config {
     pub user: Option<String>,
     /// Socket file permissions.
     pub socket_mode: Option<u32>,
+    /// TEST ONLY (`--test-hold-completions-ms`, zero by default): how long
+    /// each wave of completions is held back.
+    pub test_hold_completions: Duration,
 }
 
 /// Invalid command lines.
@@ -218,6 +234,7 @@ impl TryFrom<Args> for Config {
             seccomp: a.seccomp,
             user: a.user,
             socket_mode: a.socket_mode,
+            test_hold_completions: Duration::from_millis(a.test_hold_completions_ms),
         })
     }
 }

@@ -55,6 +55,12 @@ pub struct DeviceSettings {
     pub max_dwz_segments: u32,
     /// Largest adaptive busy-poll window once the queue runs dry (0: off).
     pub poll: Duration,
+    /// TEST ONLY (`--test-hold-completions-ms`; zero, i.e. off, in
+    /// production): how long each wave's completions are held after their
+    /// I/O finished and before they go to the used ring. The requests stay
+    /// recorded in the inflight region meanwhile, so that the crash tests
+    /// can count on requests being in flight whenever they kill the daemon.
+    pub hold_completions: Duration,
 }
 
 /// One io_uring request in flight.
@@ -93,6 +99,10 @@ pub struct Worker {
     epoch: Option<Arc<AtomicU64>>,
     /// `epoch` as of the last [`Processed::Interrupted`].
     seen_epoch: u64,
+    /// Synchronous completions of the current wave held back by the test-only
+    /// [`DeviceSettings::hold_completions`] (empty unless it is set; at most
+    /// [`WAVE`], the capacity reserved up front).
+    held: Vec<(u16, GuestAddress, Done)>,
 }
 
 /// How [`Worker::process`] returned.
@@ -168,6 +178,7 @@ impl Worker {
             poll: PollWindow::default(),
             epoch: None,
             seen_epoch: 0,
+            held: Vec::with_capacity(WAVE),
         })
     }
 
@@ -177,6 +188,7 @@ impl Worker {
         self.recover = inflight.is_some();
         self.inflight = inflight;
         self.resubmit.clear();
+        self.held.clear();
     }
 
     /// Watches `epoch`, which the owner bumps after each change of the guest
@@ -361,19 +373,30 @@ impl Worker {
                     }
                 };
                 match done {
-                    Some((status, d)) => {
+                    Some((status, d)) if settings.hold_completions.is_zero() => {
                         finish(mem, q, head, status, d, stats, self.inflight.as_ref())?;
                         completed += 1;
                         unsignalled += 1;
                     }
+                    // Test-only hold: published after the wave (below).
+                    Some((status, d)) => self.held.push((head, status, d)),
                     None => {
                         self.free.pop();
                     }
                 }
             }
             let idle = drained || taken == 0;
-            if self.free.len() < self.slots.len() {
-                let n = self.reap(mem, q, stats, idle || self.free.is_empty())?;
+            let uring_busy = self.free.len() < self.slots.len();
+            if uring_busy {
+                self.submit(idle || self.free.is_empty())?;
+            }
+            if !settings.hold_completions.is_zero() {
+                let n = self.hold_and_release(settings.hold_completions, mem, q, stats)?;
+                completed += n;
+                unsignalled += n;
+            }
+            if uring_busy {
+                let n = self.reap(mem, q, stats)?;
                 completed += n;
                 unsignalled += n;
             } else if idle {
@@ -527,18 +550,11 @@ impl Worker {
         }
     }
 
-    /// Submits what is queued and completes everything that has finished;
-    /// with `wait`, first waits for at least one completion. Returns how
-    /// many requests completed.
-    fn reap<M: GuestMemoryBackend>(
-        &mut self,
-        mem: &M,
-        q: &mut Queue,
-        stats: &QueueStats,
-        wait: bool,
-    ) -> Result<usize, WorkerError> {
+    /// Submits what is queued on io_uring; with `wait`, then waits for at
+    /// least one completion.
+    fn submit(&mut self, wait: bool) -> Result<(), WorkerError> {
         let Some(ring) = self.ring.as_mut() else {
-            return Ok(0);
+            return Ok(());
         };
         if wait || !ring.submission().is_empty() {
             loop {
@@ -549,6 +565,50 @@ impl Worker {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// TEST ONLY (see [`DeviceSettings::hold_completions`]): when this wave
+    /// has finished requests (held synchronous ones, or io_uring completions
+    /// waiting to be reaped), sleeps `hold` before they are published, then
+    /// publishes the held ones (the caller reaps io_uring next). Everything
+    /// published after the sleep was started before it, so each request
+    /// waits at least `hold` between being taken and being used. The sleep is
+    /// bounded (the option is capped), so a pause or stop is delayed by at
+    /// most that much. Returns how many requests completed.
+    fn hold_and_release<M: GuestMemoryBackend>(
+        &mut self,
+        hold: Duration,
+        mem: &M,
+        q: &mut Queue,
+        stats: &QueueStats,
+    ) -> Result<usize, WorkerError> {
+        let uring_done = self
+            .ring
+            .as_mut()
+            .is_some_and(|r| !r.completion().is_empty());
+        if self.held.is_empty() && !uring_done {
+            return Ok(0);
+        }
+        std::thread::sleep(hold);
+        let n = self.held.len();
+        for (head, status, d) in self.held.drain(..) {
+            finish(mem, q, head, status, d, stats, self.inflight.as_ref())?;
+        }
+        Ok(n)
+    }
+
+    /// Completes everything io_uring has finished. Returns how many
+    /// requests completed.
+    fn reap<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        q: &mut Queue,
+        stats: &QueueStats,
+    ) -> Result<usize, WorkerError> {
+        let Some(ring) = self.ring.as_mut() else {
+            return Ok(0);
+        };
         let mut done = 0usize;
         while let Some(cqe) = ring.completion().next() {
             let slot = cqe.user_data() as usize;

@@ -115,6 +115,7 @@ fn process_once(
         serial: Vec::new(),
         max_dwz_segments: 1,
         poll: Duration::ZERO,
+        hold_completions: Duration::ZERO,
     };
     let stats = QueueStats::default();
     let mut signals = 0;
