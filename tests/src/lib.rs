@@ -19,7 +19,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 use std::sync::OnceLock;
 
 use qcow2::{CreateOptions, OpenOptions, Qcow2};
@@ -450,6 +450,39 @@ pub fn copy_to(src: &Path, dir: &Path, name: &str) -> PathBuf {
 }
 
 /// Offsets of qcow2 header fields (see docs/interop/qcow2.txt in QEMU).
+/// A child process that is killed (SIGKILL) and reaped when dropped, also while unwinding
+/// from a panic, so a failing test leaves no VMM, QEMU or daemon running.
+#[derive(Debug)]
+pub struct KillOnDrop(Child);
+
+impl KillOnDrop {
+    /// Guards `child`.
+    pub fn new(child: Child) -> Self {
+        KillOnDrop(child)
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Already exited (and reaped) is fine: kill then fails and wait returns at once.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub mod hdr {
     /// Magic.
     pub const MAGIC: u64 = 0;
