@@ -91,7 +91,9 @@ pub struct Worker {
     inflight: Option<QueueInflight>,
     /// Recover from `inflight` before the next pass.
     recover: bool,
-    /// Heads to resubmit before taking new ones (the next one last).
+    /// Heads to resubmit before taking new ones (the next one last): left in
+    /// flight by a previous instance, or the next wave the test-only hold took
+    /// early (see `hold_and_release`).
     resubmit: Vec<u16>,
     /// The adaptive busy-poll window.
     poll: PollWindow,
@@ -174,7 +176,8 @@ impl Worker {
             bounce: Vec::new(),
             inflight: None,
             recover: false,
-            resubmit: Vec::new(),
+            // Room for the test-only hold's next wave (see hold_and_release).
+            resubmit: Vec::with_capacity(WAVE),
             poll: PollWindow::default(),
             epoch: None,
             seen_epoch: 0,
@@ -386,9 +389,16 @@ impl Worker {
                 }
             }
             let idle = drained || taken == 0;
-            let uring_busy = self.free.len() < self.slots.len();
+            let in_flight = self.slots.len() - self.free.len();
+            let uring_busy = in_flight > 0;
             if uring_busy {
-                self.submit(idle || self.free.is_empty())?;
+                // With the test-only hold, one wave at a time: wait for all of it.
+                let want = if settings.hold_completions.is_zero() {
+                    usize::from(idle || self.free.is_empty())
+                } else {
+                    in_flight
+                };
+                self.submit(want)?;
             }
             if !settings.hold_completions.is_zero() {
                 let n = self.hold_and_release(settings.hold_completions, mem, q, stats)?;
@@ -550,15 +560,15 @@ impl Worker {
         }
     }
 
-    /// Submits what is queued on io_uring; with `wait`, then waits for at
-    /// least one completion.
-    fn submit(&mut self, wait: bool) -> Result<(), WorkerError> {
+    /// Submits what is queued on io_uring, then waits until `want`
+    /// completions are there.
+    fn submit(&mut self, want: usize) -> Result<(), WorkerError> {
         let Some(ring) = self.ring.as_mut() else {
             return Ok(());
         };
-        if wait || !ring.submission().is_empty() {
+        if want > 0 || !ring.submission().is_empty() {
             loop {
-                match ring.submit_and_wait(usize::from(wait)) {
+                match ring.submit_and_wait(want) {
                     Ok(_) => break,
                     Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                     Err(e) => return Err(WorkerError::Uring(e)),
@@ -570,12 +580,17 @@ impl Worker {
 
     /// TEST ONLY (see [`DeviceSettings::hold_completions`]): when this wave
     /// has finished requests (held synchronous ones, or io_uring completions
-    /// waiting to be reaped), sleeps `hold` before they are published, then
-    /// publishes the held ones (the caller reaps io_uring next). Everything
-    /// published after the sleep was started before it, so each request
-    /// waits at least `hold` between being taken and being used. The sleep is
-    /// bounded (the option is capped), so a pause or stop is delayed by at
-    /// most that much. Returns how many requests completed.
+    /// waiting to be reaped; the caller waited for the whole wave), sleeps
+    /// `hold` before they are published, then takes the next wave's chains
+    /// from the available ring (recorded in the inflight region, queued for
+    /// the next wave like resubmissions), then publishes the held ones (the
+    /// caller reaps io_uring next). Everything published after the sleep was
+    /// started before it, so each request waits at least `hold` between being
+    /// taken and being used; and as the next wave is taken before this one
+    /// is published, the daemon has requests in flight at every moment while
+    /// the driver keeps more than a wave queued. The sleep is bounded (the
+    /// option is capped), so a pause or stop is delayed by at most that much.
+    /// Returns how many requests completed.
     fn hold_and_release<M: GuestMemoryBackend>(
         &mut self,
         hold: Duration,
@@ -591,6 +606,22 @@ impl Worker {
             return Ok(0);
         }
         std::thread::sleep(hold);
+        // Not while the owner wants the pass to end (a new memory map, a
+        // pause), and not before pending resubmissions (they are older).
+        if self.resubmit.is_empty() && !self.interrupted() {
+            while self.resubmit.len() < WAVE {
+                let Some(chain) = q.pop_descriptor_chain(mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                if let Some(t) = self.inflight.as_mut() {
+                    t.begin(head);
+                }
+                self.resubmit.push(head);
+            }
+            // Taken from the end: the oldest goes last.
+            self.resubmit.reverse();
+        }
         let n = self.held.len();
         for (head, status, d) in self.held.drain(..) {
             finish(mem, q, head, status, d, stats, self.inflight.as_ref())?;
