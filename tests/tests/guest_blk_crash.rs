@@ -9,12 +9,13 @@
 //! Requests are in flight at every kill by construction: the daemons run
 //! with the test-only `--test-hold-completions-ms` ([`HOLD_MS`]: each wave of
 //! requests stays taken, recorded in the inflight region, that long after its
-//! I/O), fio runs one time-based process for longer than the kills take,
-//! with a reader per disk that keeps more requests queued than a daemon wave
-//! (8) besides the writer (which drains before each verify pass), the guest
-//! says "ready" only once fio's writes reached both disks, and an instance is
-//! killed only once QEMU has connected to it. So EVERY restarted daemon must
-//! resubmit at least one request.
+//! I/O, and the next wave is taken before it is published), fio runs one
+//! time-based process for longer than the kills take, with a reader per disk
+//! that keeps more than two daemon waves (8 each) queued besides the writer
+//! (which drains before each verify pass), the guest says "ready" only once
+//! fio's writes reached both disks, and an instance is killed only once QEMU
+//! has connected to it. So EVERY restarted daemon must resubmit at least one
+//! request.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -198,7 +199,7 @@ fn guest_io_survives_daemon_sigkill_and_restart() {
     // of their time starting up in this guest), on each disk: job a/b random
     // 4 KiB writes at depth 16 over 8 MiB, every block read back and checked
     // (crc32c) after each 256 written (verify_backlog); job ra/rb random 4 KiB
-    // reads at depth 12, which never drain. "ready" once fio's writes reached
+    // reads at depth 24 (more than two daemon waves), which never drain. "ready" once fio's writes reached
     // both disks (write I/Os in /sys/block/vdX/stat).
     let script = format!(
         "set -e\n\
@@ -207,8 +208,8 @@ fn guest_io_survives_daemon_sigkill_and_restart() {
          --verify=crc32c --verify_backlog=256 --verify_fatal=1 \
          --name=b --filename=/dev/vdb --rw=randwrite --bs=4k --iodepth=16 --size=8m \
          --verify=crc32c --verify_backlog=256 --verify_fatal=1 \
-         --name=ra --filename=/dev/vda --rw=randread --bs=4k --iodepth=12 --size=8m \
-         --name=rb --filename=/dev/vdb --rw=randread --bs=4k --iodepth=12 --size=8m \
+         --name=ra --filename=/dev/vda --rw=randread --bs=4k --iodepth=24 --size=8m \
+         --name=rb --filename=/dev/vdb --rw=randread --bs=4k --iodepth=24 --size=8m \
          >/tmp/f 2>&1 &\n\
          fio_pid=$!\n\
          for d in vda vdb; do n=0\n\

@@ -8,12 +8,15 @@
 //! check`; a SIGKILL may leak clusters, `check -r leaks` repairs).
 //!
 //! Requests are in flight at every kill by construction: the daemons run with the
-//! test-only `--test-hold-completions-ms`, so each wave of requests stays taken (recorded
-//! in the inflight region) for [`HOLD_MS`] after its I/O, while fio keeps more requests
-//! queued than a wave (depth 16, waves of 8): the daemon is never idle while fio runs, and
-//! the guest signals "ready" only once fio's writes reached both disks. So EVERY restarted
-//! daemon must have resubmitted at least one request, and exactly as many as the VMM read
-//! in the inflight region when it resumed the device (its log line).
+//! test-only `--test-hold-completions-ms` ([`HOLD_MS`]): each wave of requests stays taken
+//! (recorded in the inflight region) that long after its I/O, and the next wave is taken
+//! before it is published. fio keeps more than two waves queued on each disk the whole
+//! time (a reader at depth 24 besides the writer, which drains before each verify pass),
+//! so while fio runs each daemon always has requests in flight; the guest signals "ready"
+//! only once fio's writes reached both disks, and an instance is killed only once it serves
+//! the VMM. So EVERY restarted daemon must have resubmitted at least one request, and
+//! exactly as many as the VMM read in the inflight region when it resumed the device (its
+//! log line).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -253,10 +256,11 @@ fn guest_io_survives_daemon_sigkill_and_restart_under_the_vmm() {
     // starting up in this guest), on each disk: job a/b random 4 KiB / 1 MiB writes at depth
     // 16 (submitted in batches of 16) over 32 MiB, every block read back and checked
     // (crc32c) after each 256 written (verify_backlog); job ra/rb random 4 KiB reads at depth
-    // 12. The writer drains its queue before each verify pass; the reader never drains and
-    // keeps more requests queued than a daemon wave (8), so while fio runs each daemon
-    // always has requests taken and held (HOLD_MS). "ready" comes once fio's writes have
-    // reached both disks (write I/Os in /sys/block/vdX/stat), so every kill finds fio running.
+    // 24. The writer drains its queue before each verify pass; the reader never drains and
+    // keeps more than two daemon waves (8 each) queued, so while fio runs each daemon always
+    // has a wave taken and held (HOLD_MS) and the next one queued. "ready" comes once fio's
+    // writes have reached both disks (write I/Os in /sys/block/vdX/stat), so every kill finds
+    // fio running.
     let script = format!(
         "set -e\n\
          fio --ioengine=libaio --direct=1 --time_based --runtime={RUNTIME_SECS} \
@@ -266,8 +270,8 @@ fn guest_io_survives_daemon_sigkill_and_restart_under_the_vmm() {
          --name=b --filename=/dev/vdb --rw=randwrite --bssplit=4k/50:1m/50 --iodepth=16 \
          --iodepth_batch_submit=16 --size=32m \
          --verify=crc32c --verify_backlog=256 --verify_fatal=1 \
-         --name=ra --filename=/dev/vda --rw=randread --bs=4k --iodepth=12 --size=32m \
-         --name=rb --filename=/dev/vdb --rw=randread --bs=4k --iodepth=12 --size=32m \
+         --name=ra --filename=/dev/vda --rw=randread --bs=4k --iodepth=24 --size=32m \
+         --name=rb --filename=/dev/vdb --rw=randread --bs=4k --iodepth=24 --size=32m \
          >/tmp/f 2>&1 &\n\
          fio_pid=$!\n\
          for d in vda vdb; do n=0\n\
