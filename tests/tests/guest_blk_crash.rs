@@ -12,10 +12,11 @@
 //! I/O, and the next wave is taken before it is published), fio runs one
 //! time-based process for longer than the kills take, with a reader per disk
 //! that keeps more than two daemon waves (8 each) queued besides the writer
-//! (which drains before each verify pass), the guest says "ready" only once
-//! fio's writes reached both disks, and an instance is killed only once QEMU
-//! has connected to it. So EVERY restarted daemon must resubmit at least one
-//! request.
+//! (which drains before each verify pass), and an instance is killed only
+//! once QEMU has connected to it, and only while frozen (SIGSTOP) at a moment
+//! when one of its queue threads is inside the hold
+//! ([`outboard_tests::stop_while_holding`]). So EVERY restarted daemon must
+//! resubmit at least one request.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,8 @@ struct Daemon {
     child: Child,
     sock: PathBuf,
     logs: Vec<PathBuf>,
+    /// Per kill: SIGSTOP tries until a queue thread was caught holding requests.
+    stop_tries: Vec<usize>,
 }
 
 impl Daemon {
@@ -45,6 +48,7 @@ impl Daemon {
             child: spawn(image, format, sock, &log_path(sock, 0)),
             sock: sock.to_path_buf(),
             logs: vec![log_path(sock, 0)],
+            stop_tries: Vec::new(),
         };
         d.wait_listening();
         d
@@ -91,6 +95,9 @@ impl Daemon {
     /// socket and image.
     fn crash_and_restart(&mut self, image: &Path, format: &str, pause: Duration) {
         self.wait_serving();
+        // Frozen while a queue thread holds requests (recorded in flight), then killed.
+        let tries = outboard_tests::stop_while_holding(self.child.id(), Duration::from_secs(10));
+        self.stop_tries.push(tries);
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reap");
         std::thread::sleep(pause);
@@ -262,11 +269,14 @@ fn guest_io_survives_daemon_sigkill_and_restart() {
     // Kill k hit daemon k % 2; its restart is that daemon's instance k / 2 + 1.
     let resubmitted = [da.resubmitted(), db.resubmitted()];
     let per_kill: Vec<u64> = (0..KILLS).map(|k| resubmitted[k % 2][k / 2]).collect();
+    let tries = [&da.stop_tries, &db.stop_tries];
     for (k, n) in per_kill.iter().enumerate() {
         eprintln!(
-            "kill {}: {} daemon: {n} request(s) resubmitted by the restarted daemon",
+            "kill {}: {} daemon (stopped holding after {} SIGSTOP tries): {n} request(s) \
+             resubmitted by the restarted daemon",
             k + 1,
-            ["raw", "qcow2"][k % 2]
+            ["raw", "qcow2"][k % 2],
+            tries[k % 2][k / 2]
         );
     }
     eprintln!(

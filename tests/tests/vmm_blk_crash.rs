@@ -11,12 +11,12 @@
 //! test-only `--test-hold-completions-ms` ([`HOLD_MS`]): each wave of requests stays taken
 //! (recorded in the inflight region) that long after its I/O, and the next wave is taken
 //! before it is published. fio keeps more than two waves queued on each disk the whole
-//! time (a reader at depth 24 besides the writer, which drains before each verify pass),
-//! so while fio runs each daemon always has requests in flight; the guest signals "ready"
-//! only once fio's writes reached both disks, and an instance is killed only once it serves
-//! the VMM. So EVERY restarted daemon must have resubmitted at least one request, and
-//! exactly as many as the VMM read in the inflight region when it resumed the device (its
-//! log line).
+//! time (a reader at depth 24 besides the writer, which drains before each verify pass), so
+//! a queue thread is holding requests most of the time. An instance is killed only once it
+//! serves the VMM, and only while frozen (SIGSTOP) at a moment when one of its queue threads
+//! is inside the hold ([`outboard_tests::stop_while_holding`]). So EVERY restarted daemon
+//! must have resubmitted at least one request, and exactly as many as the VMM read in the
+//! inflight region when it resumed the device (its log line).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -40,6 +40,8 @@ struct Daemon {
     format: &'static str,
     sock: PathBuf,
     logs: Vec<PathBuf>,
+    /// Per kill: SIGSTOP tries until a queue thread was caught holding requests.
+    stop_tries: Vec<usize>,
 }
 
 impl Daemon {
@@ -51,6 +53,7 @@ impl Daemon {
             format,
             sock: sock.to_path_buf(),
             logs: vec![log],
+            stop_tries: Vec::new(),
         };
         d.wait_listening();
         d
@@ -97,6 +100,9 @@ impl Daemon {
     /// and image.
     fn crash_and_restart(&mut self, pause: Duration) {
         self.wait_serving();
+        // Frozen while a queue thread holds requests (recorded in flight), then killed.
+        let tries = outboard_tests::stop_while_holding(self.child.id(), Duration::from_secs(10));
+        self.stop_tries.push(tries);
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reap");
         std::thread::sleep(pause);
@@ -378,10 +384,12 @@ fn guest_io_survives_daemon_sigkill_and_restart_under_the_vmm() {
         });
         let n = resubmitted[d][i];
         eprintln!(
-            "kill {} at {at:?}: {} daemon: {outstanding} outstanding in the available ring, \
-             {recorded} recorded in flight, {n} resubmitted by the restarted daemon",
+            "kill {} at {at:?}: {} daemon (stopped holding after {} SIGSTOP tries): \
+             {outstanding} outstanding in the available ring, {recorded} recorded in flight, \
+             {n} resubmitted by the restarted daemon",
             k + 1,
-            daemons[d].format
+            daemons[d].format,
+            daemons[d].stop_tries[i]
         );
         per_kill.push((daemons[d].format, outstanding, recorded, n));
     }
