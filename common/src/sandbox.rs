@@ -122,6 +122,10 @@ pub const BASE_SYSCALLS: &[i64] = &[
     libc::SYS_readv,
     libc::SYS_recvfrom,
     libc::SYS_recvmsg,
+    // The kernel's way to resume a sleep (clock_nanosleep, poll) that was
+    // interrupted, e.g. by io_uring task work: without it such a sleep fails
+    // with EPERM and std's thread::sleep panics.
+    libc::SYS_restart_syscall,
     libc::SYS_rseq,
     libc::SYS_rt_sigaction,
     libc::SYS_rt_sigprocmask,

@@ -73,6 +73,7 @@ fn settings() -> DeviceSettings {
         serial: b"fuzz".to_vec(),
         max_dwz_segments: 4,
         poll: Duration::ZERO,
+        hold_completions: Duration::ZERO,
     }
 }
 

@@ -21,8 +21,9 @@ use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use qcow2::{CreateOptions, OpenOptions, Qcow2};
 use rand::rngs::StdRng;
@@ -452,6 +453,103 @@ pub fn copy_to(src: &Path, dir: &Path, name: &str) -> PathBuf {
 }
 
 /// Offsets of qcow2 header fields (see docs/interop/qcow2.txt in QEMU).
+/// A child process that is killed (SIGKILL) and reaped when dropped, also while unwinding
+/// from a panic, so a failing test leaves no VMM, QEMU or daemon running.
+#[derive(Debug)]
+pub struct KillOnDrop(Child);
+
+impl KillOnDrop {
+    /// Guards `child`.
+    pub fn new(child: Child) -> Self {
+        KillOnDrop(child)
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Already exited (and reaped) is fine: kill then fails and wait returns at once.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Freezes our `vhost-user-blk` child `pid` (SIGSTOP) at a moment when one of its queue
+/// threads (`vring_worker`) is inside the test-only completion hold
+/// (`--test-hold-completions-ms`): in hold mode that is its only `clock_nanosleep`, and it
+/// sleeps there only with requests taken and not yet in the used ring, so they are recorded
+/// in flight in the inflight region. Tries again (SIGCONT, a short pause, SIGSTOP) until
+/// then; panics after `timeout`. Returns how many tries it took. The caller then SIGKILLs
+/// the stopped daemon: the kill hits requests in flight by construction, not by chance.
+pub fn stop_while_holding(pid: u32, timeout: Duration) -> usize {
+    let pid = i32::try_from(pid).expect("pid");
+    let deadline = std::time::Instant::now() + timeout;
+    let tasks = PathBuf::from(format!("/proc/{pid}/task"));
+    for attempt in 1.. {
+        // SAFETY: kill(2) on the caller's own child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        // Wait until every thread is stopped ('T' in /proc/PID/task/TID/stat).
+        let stop_deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let holding = loop {
+            let mut all_stopped = true;
+            let mut holding = false;
+            for t in fs::read_dir(&tasks).expect("/proc/PID/task").flatten() {
+                let dir = t.path();
+                let stat = fs::read_to_string(dir.join("stat")).unwrap_or_default();
+                // "tid (comm) S ...": the state follows the last ')'.
+                let state = stat
+                    .rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().next())
+                    .unwrap_or("");
+                if state != "T" && state != "t" {
+                    all_stopped = false;
+                    break;
+                }
+                let comm = fs::read_to_string(dir.join("comm")).unwrap_or_default();
+                let sys = fs::read_to_string(dir.join("syscall")).unwrap_or_default();
+                let nr = sys.split_whitespace().next().unwrap_or("");
+                if comm.trim_end() == "vring_worker" && nr == libc::SYS_clock_nanosleep.to_string()
+                {
+                    holding = true;
+                }
+            }
+            if all_stopped {
+                break holding;
+            }
+            assert!(
+                std::time::Instant::now() < stop_deadline,
+                "vhost-user-blk {pid} did not stop on SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        if holding {
+            return attempt;
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vhost-user-blk {pid}: no queue thread was holding requests in {timeout:?} \
+             ({attempt} tries)"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    unreachable!("the loop returns or panics")
+}
+
 pub mod hdr {
     /// Magic.
     pub const MAGIC: u64 = 0;

@@ -1,8 +1,17 @@
 //! Daemon crash loop: a libblkio client writes 4 KiB blocks (each stamped
 //! with a unique sequence number) and flushes every few writes while, for
 //! qcow2, another thread takes internal snapshots through the control
-//! socket; the daemon is SIGKILLed at a random moment, restarted, and the
-//! image checked, many times, for raw and qcow2:
+//! socket; after a random number of requests the daemon is SIGKILLed while a
+//! write is in flight, restarted, and the image checked, many times, for raw
+//! and qcow2.
+//!
+//! The write is in flight at the kill by construction: the daemon runs with
+//! the test-only `--test-hold-completions-ms` ([`HOLD`]), the kill comes a
+//! random time shorter than that after the write was sent, and the test
+//! counts a kill as hitting the write only if the client has seen no
+//! completion for it, before the kill or after the daemon died (libblkio does
+//! not reconnect, so nothing is resubmitted here; `vmm_blk_crash` and
+//! `guest_blk_crash` check that). Every kill must hit. Checks after each kill:
 //! - `qemu-img check` finds no corruption (leaks are allowed after a kill);
 //! - every block holds its version from before the last completed FLUSH or
 //!   one written after it (acknowledged or in flight), never anything older
@@ -26,6 +35,9 @@ const DISK: u64 = 16 << 20;
 const BLOCK: usize = 4096;
 const BLOCKS: u64 = 1024; // the first 4 MiB
 const ROUNDS: usize = 24;
+/// The daemon's test-only completion hold; kills come 2 to 30 ms after the
+/// write was sent, well within it.
+const HOLD: Duration = Duration::from_millis(60);
 
 fn block(seq: u64, b: u64) -> Vec<u8> {
     let mut v = vec![0u8; BLOCK];
@@ -39,6 +51,7 @@ fn block(seq: u64, b: u64) -> Vec<u8> {
 fn start(cfg: &DaemonConfig, ctl: &Path) -> Daemon {
     let mut cmd = ours_command(&outboard_tests::workspace_binary("vhost-user-blk"), cfg);
     cmd.arg("--control-socket").arg(ctl);
+    cmd.arg(format!("--test-hold-completions-ms={}", HOLD.as_millis()));
     Daemon::spawn("vhost-user-blk", cmd, &cfg.socket, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e}"))
 }
@@ -55,20 +68,23 @@ fn snapshot(ctl: &Path, name: &str) -> bool {
     BufReader::new(&s).read_line(&mut line).is_ok() && line.contains("\"ok\":true")
 }
 
-/// One write of `(block, seq)` (or a flush for `None`): `true` when it
-/// completed successfully, `false` once the daemon is gone. The client's
-/// synchronous calls would wait 30 s for a completion from a dead daemon;
-/// this waits in short steps and checks the process instead.
-fn io(client: &mut BlkClient, daemon: &mut Daemon, write: Option<(u64, u64)>) -> bool {
+/// One write of `(block, seq)` (or a flush for `None`), waited for: `Err` with
+/// the reason unless it completed successfully. The client's synchronous
+/// calls would wait 30 s for a completion from a dead daemon; this waits in
+/// short steps (a step that ends without a completion is ETIME, not an error:
+/// the daemon may be slow on a busy machine, e.g. in fdatasync, and holds
+/// completions anyway) and checks the process in between.
+fn io(
+    client: &mut BlkClient,
+    daemon: &mut Daemon,
+    write: Option<(u64, u64)>,
+) -> Result<(), String> {
     let q = client.queue(0);
     match write {
         Some((b, s)) => {
             q.buf_mut()[..BLOCK].copy_from_slice(&block(s, b));
-            if q.submit_write(b * BLOCK as u64, 0, BLOCK, 0, false)
-                .is_err()
-            {
-                return false;
-            }
+            q.submit_write(b * BLOCK as u64, 0, BLOCK, 0, false)
+                .map_err(|e| format!("queueing the write: {e}"))?;
         }
         None => q.submit_flush(0),
     }
@@ -76,12 +92,14 @@ fn io(client: &mut BlkClient, daemon: &mut Daemon, write: Option<(u64, u64)>) ->
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match q.reap(1, &mut out, Some(Duration::from_millis(200))) {
-            Ok(n) if n > 0 => return out[0].ret >= 0,
+            Ok(n) if n > 0 && out[0].ret >= 0 => return Ok(()),
+            Ok(n) if n > 0 => return Err(format!("completed with {}", out[0].ret)),
             Ok(_) => {}
-            Err(_) => return false,
+            Err(e) if e.errno() == Some(libc::ETIME) => {}
+            Err(e) => return Err(format!("waiting for the completion: {e}")),
         }
         if !daemon.is_running() {
-            return false;
+            return Err("the daemon exited".into());
         }
         assert!(
             Instant::now() < deadline,
@@ -89,6 +107,44 @@ fn io(client: &mut BlkClient, daemon: &mut Daemon, write: Option<(u64, u64)>) ->
             daemon.log_text()
         );
     }
+}
+
+/// Sends the write of `(block, seq)`, SIGKILLs the daemon `delay` later and
+/// reaps it. `true` when the client saw no completion for the write, neither
+/// before the kill nor once the daemon was gone: the kill hit it in flight.
+fn write_and_kill(
+    client: &mut BlkClient,
+    daemon: &mut Daemon,
+    (b, s): (u64, u64),
+    delay: Duration,
+) -> bool {
+    let pid = daemon.pid().expect("pid");
+    let q = client.queue(0);
+    q.buf_mut()[..BLOCK].copy_from_slice(&block(s, b));
+    q.submit_write(b * BLOCK as u64, 0, BLOCK, 0, false)
+        .expect("queue the write");
+    let mut out = Vec::new();
+    // Sends it (and collects nothing: it cannot have completed yet).
+    let sent = q.reap(0, &mut out, Some(Duration::ZERO));
+    assert!(sent.is_ok(), "sending the write: {sent:?}");
+    let mut completed = !out.is_empty();
+    std::thread::sleep(delay);
+    if let Ok(n) = q.reap(0, &mut out, Some(Duration::ZERO)) {
+        completed |= n > 0;
+    }
+    // SAFETY: kill(2) on our own child, not reaped yet (`daemon` reaps it).
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while daemon.is_running() {
+        assert!(Instant::now() < deadline, "SIGKILLed daemon still running");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The daemon is gone: a completion it published before dying is in the
+    // used ring now, or never will be.
+    if let Ok(n) = q.reap(0, &mut out, Some(Duration::ZERO)) {
+        completed |= n > 0;
+    }
+    !completed
 }
 
 /// Reads the whole image as the guest sees it.
@@ -118,9 +174,9 @@ fn crash_loop(format: Format) {
     let mut seq = 1u64;
     let mut snapshots_taken = 0u32;
     let mut flushed_writes = 0u64;
+    let mut in_flight_kills = 0usize;
     for round in 0..ROUNDS {
         let mut daemon = start(&cfg, &ctl);
-        let pid = daemon.pid().expect("pid");
         let mut client = daemon
             .connect(&ClientOptions::queues(1))
             .unwrap_or_else(|e| panic!("round {round}: connect: {e}\n{}", daemon.log_text()));
@@ -139,27 +195,28 @@ fn crash_loop(format: Format) {
                 }
             })
         });
-        let kill_after = Duration::from_millis(rng.gen_range(50..400));
-        let killer = std::thread::spawn(move || {
-            std::thread::sleep(kill_after);
-            // SAFETY: kill(2) on our own child, not yet reaped (the parent
-            // thread reaps it only after this thread is joined).
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        });
+        // A random number of writes (and flushes), then the write the kill hits.
+        let before_kill = rng.gen_range(0..12);
         let mut pending: Vec<(u64, u64)> = Vec::new();
-        loop {
+        for _ in 0..before_kill {
             let b = rng.gen_range(0..BLOCKS);
             let s = seq;
             seq += 1;
             // A write that fails may still have reached the image.
             allowed.entry(b).or_insert_with(|| vec![0]).push(s);
             pending.push((b, s));
-            if !io(&mut client, &mut daemon, Some((b, s))) {
-                break;
+            if let Err(e) = io(&mut client, &mut daemon, Some((b, s))) {
+                panic!(
+                    "round {round}: write failed before the kill: {e}\n{}",
+                    daemon.log_text()
+                );
             }
             if pending.len() >= rng.gen_range(1..8) {
-                if !io(&mut client, &mut daemon, None) {
-                    break;
+                if let Err(e) = io(&mut client, &mut daemon, None) {
+                    panic!(
+                        "round {round}: flush failed before the kill: {e}\n{}",
+                        daemon.log_text()
+                    );
                 }
                 // Durable now: each block's latest version is the only one allowed.
                 for &(b, s) in &pending {
@@ -169,7 +226,23 @@ fn crash_loop(format: Format) {
                 pending.clear();
             }
         }
-        killer.join().expect("killer");
+        let b = rng.gen_range(0..BLOCKS);
+        let s = seq;
+        seq += 1;
+        allowed.entry(b).or_insert_with(|| vec![0]).push(s);
+        pending.push((b, s));
+        let delay = Duration::from_millis(rng.gen_range(2..30));
+        let hit = write_and_kill(&mut client, &mut daemon, (b, s), delay);
+        in_flight_kills += usize::from(hit);
+        eprintln!(
+            "{format} round {round}: kill {delay:?} after a write was sent, after {before_kill} \
+             earlier write(s): {}",
+            if hit {
+                "hit the write in flight"
+            } else {
+                "the write had completed"
+            }
+        );
         stop.store(true, Ordering::SeqCst);
         if let Some(t) = snapper {
             t.join().expect("snapshot thread");
@@ -208,7 +281,12 @@ fn crash_loop(format: Format) {
         }
     }
     eprintln!(
-        "{format}: {ROUNDS} kills, {flushed_writes} writes flushed, {snapshots_taken} snapshots"
+        "{format}: {ROUNDS} kills, {in_flight_kills} of them with a write in flight, \
+         {flushed_writes} writes flushed, {snapshots_taken} snapshots"
+    );
+    assert_eq!(
+        in_flight_kills, ROUNDS,
+        "{format}: some kills came after the write had completed"
     );
     assert!(flushed_writes > 0);
     if format == Format::Qcow2 {

@@ -1,11 +1,22 @@
-//! Crash recovery with a real guest: QEMU (TCG) runs fio write+verify loops
+//! Crash recovery with a real guest: QEMU (TCG) runs a fio write+verify load
 //! on a raw and a qcow2 disk, each served by its own `vhost-user-blk`, while
 //! the test SIGKILLs and restarts the daemons several times. QEMU's chardev
 //! reconnects (`reconnect=1`) and hands the restarted daemon the inflight
-//! region; the guest must see no I/O error, fio's verify must pass, the
-//! restarted daemons must have resubmitted requests left in flight, and the
+//! region; the guest must see no I/O error, fio's verify must pass, and the
 //! qcow2 image must have no corruption (`qemu-img check`; a SIGKILL may leak
 //! clusters, which `check -r leaks` repairs).
+//!
+//! Requests are in flight at every kill by construction: the daemons run
+//! with the test-only `--test-hold-completions-ms` ([`HOLD_MS`]: each wave of
+//! requests stays taken, recorded in the inflight region, that long after its
+//! I/O, and the next wave is taken before it is published), fio runs one
+//! time-based process for longer than the kills take, with a reader per disk
+//! that keeps more than two daemon waves (8 each) queued besides the writer
+//! (which drains before each verify pass), and an instance is killed only
+//! once QEMU has connected to it, and only while frozen (SIGSTOP) at a moment
+//! when one of its queue threads is inside the hold
+//! ([`outboard_tests::stop_while_holding`]). So EVERY restarted daemon must
+//! resubmit at least one request.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -16,11 +27,19 @@ use outboard_tests::guest::{BlkDisk, GuestImage, Qemu};
 use rand::{Rng, SeedableRng};
 
 const KILLS: usize = 6;
+/// The daemons' test-only completion hold: far longer than the guest takes
+/// to queue the next requests, so fio always waits on the daemon.
+const HOLD_MS: u32 = 40;
+/// fio's run time: longer than the kills take (6 x at most 1.5 s + 0.6 s
+/// pause + QEMU's 1 s reconnect), so the last kill finds fio running.
+const RUNTIME_SECS: u32 = 30;
 
 struct Daemon {
     child: Child,
     sock: PathBuf,
     logs: Vec<PathBuf>,
+    /// Per kill: SIGSTOP tries until a queue thread was caught holding requests.
+    stop_tries: Vec<usize>,
 }
 
 impl Daemon {
@@ -29,6 +48,7 @@ impl Daemon {
             child: spawn(image, format, sock, &log_path(sock, 0)),
             sock: sock.to_path_buf(),
             logs: vec![log_path(sock, 0)],
+            stop_tries: Vec::new(),
         };
         d.wait_listening();
         d
@@ -53,8 +73,31 @@ impl Daemon {
         }
     }
 
-    /// SIGKILL, then a new instance on the same socket and image.
+    /// Waits until QEMU has (re)connected to the current instance and set up
+    /// the inflight region, so it tracks what it takes.
+    fn wait_serving(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let log = self.logs.last().cloned().unwrap_or_default();
+        while !fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("inflight tracking on")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "QEMU did not reconnect within 20 s\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL (once QEMU uses the instance), then a new instance on the same
+    /// socket and image.
     fn crash_and_restart(&mut self, image: &Path, format: &str, pause: Duration) {
+        self.wait_serving();
+        // Frozen while a queue thread holds requests (recorded in flight), then killed.
+        let tries = outboard_tests::stop_while_holding(self.child.id(), Duration::from_secs(10));
+        self.stop_tries.push(tries);
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reap");
         std::thread::sleep(pause);
@@ -77,20 +120,22 @@ impl Daemon {
             .collect()
     }
 
-    /// Requests resubmitted by restarted instances, from their logs.
-    fn resubmitted(&self) -> u64 {
-        self.logs
+    /// Requests resubmitted by each restarted instance (all queues), from
+    /// their logs.
+    fn resubmitted(&self) -> Vec<u64> {
+        self.logs[1..]
             .iter()
-            .filter_map(|p| fs::read_to_string(p).ok())
-            .flat_map(|t| {
-                t.lines()
+            .map(|p| {
+                fs::read_to_string(p)
+                    .unwrap_or_default()
+                    .lines()
                     .filter_map(|l| {
                         let rest = l.split("resubmitting ").nth(1)?;
                         rest.split(' ').next()?.parse::<u64>().ok()
                     })
-                    .collect::<Vec<_>>()
+                    .sum()
             })
-            .sum()
+            .collect()
     }
 
     fn terminate(mut self) -> String {
@@ -122,6 +167,7 @@ fn spawn(image: &Path, format: &str, sock: &Path, log: &Path) -> Child {
         .arg("--blk-file")
         .arg(image)
         .args(["--format", format, "--num-queues", "2"])
+        .arg(format!("--test-hold-completions-ms={HOLD_MS}"))
         // Raw writes reach the page cache before they complete, which a
         // SIGKILL cannot lose; qcow2 metadata is written back on FLUSH, so
         // with a write-back cache a crash may drop unflushed writes, as a
@@ -156,16 +202,35 @@ fn guest_io_survives_daemon_sigkill_and_restart() {
     let mut da = Daemon::start(&raw, "raw", &sa);
     let mut db = Daemon::start(&qc, "qcow2", &sb);
 
-    // fio: random 4 KiB writes at depth 16 over 8 MiB of each disk, then a
-    // read-back verify (crc32c) of every block; a new seed per round.
-    let script = "set -e\necho ready\n\
-        for i in 1 2 3 4 5 6; do\n\
-        fio --ioengine=libaio --direct=1 --bs=4k --rw=randwrite --iodepth=16 --size=8m \
-        --verify=crc32c --verify_fatal=1 --randseed=$i \
-        --name=a --filename=/dev/vda --name=b --filename=/dev/vdb >/tmp/f 2>&1 \
-        || { tail -40 /tmp/f; exit 1; }\n\
-        echo round-$i-ok $(cut -d' ' -f1 /proc/uptime)\ndone\n\
-        if dmesg | grep -i 'error'; then echo guest-saw-errors; exit 2; fi\necho all-ok\n";
+    // fio, one process for RUNTIME_SECS (separate short fio runs spend most
+    // of their time starting up in this guest), on each disk: job a/b random
+    // 4 KiB writes at depth 16 over 8 MiB, every block read back and checked
+    // (crc32c) after each 256 written (verify_backlog); job ra/rb random 4 KiB
+    // reads at depth 24 (more than two daemon waves), which never drain. "ready" once fio's writes reached
+    // both disks (write I/Os in /sys/block/vdX/stat).
+    let script = format!(
+        "set -e\n\
+         fio --ioengine=libaio --direct=1 --time_based --runtime={RUNTIME_SECS} \
+         --name=a --filename=/dev/vda --rw=randwrite --bs=4k --iodepth=16 --size=8m \
+         --verify=crc32c --verify_backlog=256 --verify_fatal=1 \
+         --name=b --filename=/dev/vdb --rw=randwrite --bs=4k --iodepth=16 --size=8m \
+         --verify=crc32c --verify_backlog=256 --verify_fatal=1 \
+         --name=ra --filename=/dev/vda --rw=randread --bs=4k --iodepth=24 --size=8m \
+         --name=rb --filename=/dev/vdb --rw=randread --bs=4k --iodepth=24 --size=8m \
+         >/tmp/f 2>&1 &\n\
+         fio_pid=$!\n\
+         for d in vda vdb; do n=0\n\
+         while read -r _ _ _ _ w _ </sys/block/$d/stat && [ \"$w\" = 0 ]; do\n\
+         n=$((n+1)); [ $n -lt 6000 ] || {{ echo no-io-on-$d; tail -40 /tmp/f; exit 3; }}\n\
+         sleep 0.01; done; done\n\
+         echo ready\n\
+         echo fio-running-at-uptime $(cut -d' ' -f1 /proc/uptime)\n\
+         wait $fio_pid || {{ tail -40 /tmp/f; exit 1; }}\n\
+         grep -E 'err=|read:|write:' /tmp/f\n\
+         echo fio-done-at-uptime $(cut -d' ' -f1 /proc/uptime)\n\
+         if dmesg | grep -i 'error'; then echo guest-saw-errors; exit 2; fi\n\
+         echo all-ok\n"
+    );
     let reconnect = |s: &Path| {
         let mut d = BlkDisk::new(s, 2);
         d.reconnect_secs = Some(1);
@@ -174,16 +239,16 @@ fn guest_io_survives_daemon_sigkill_and_restart() {
     let mut guest = Qemu::new(&image)
         .disk(reconnect(&sa))
         .disk(reconnect(&sb))
-        .spawn(script)
+        .spawn(&script)
         .expect("start guest");
     guest
-        .wait_for_output("ready", Duration::from_secs(120))
+        .wait_for_output("ready", Duration::from_secs(180))
         .unwrap_or_else(|e| panic!("guest did not start: {e}"));
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
     let started = Instant::now();
     for k in 0..KILLS {
-        std::thread::sleep(Duration::from_millis(rng.gen_range(700..2500)));
+        std::thread::sleep(Duration::from_millis(rng.gen_range(700..1500)));
         let pause = Duration::from_millis(rng.gen_range(0..600));
         if k % 2 == 0 {
             da.crash_and_restart(&raw, "raw", pause);
@@ -192,7 +257,8 @@ fn guest_io_survives_daemon_sigkill_and_restart() {
         }
         eprintln!("kill {} done at {:?}", k + 1, started.elapsed());
     }
-    let run = guest.wait(Duration::from_secs(120)).unwrap_or_else(|e| {
+    let kills_took = started.elapsed();
+    let run = guest.wait(Duration::from_secs(240)).unwrap_or_else(|e| {
         panic!(
             "guest did not finish: {e}\nraw daemon:\n{}\nqcow2 daemon:\n{}",
             da.log(),
@@ -200,10 +266,22 @@ fn guest_io_survives_daemon_sigkill_and_restart() {
         )
     });
     eprintln!("{}", run.output);
-    let resubmitted = (da.resubmitted(), db.resubmitted());
+    // Kill k hit daemon k % 2; its restart is that daemon's instance k / 2 + 1.
+    let resubmitted = [da.resubmitted(), db.resubmitted()];
+    let per_kill: Vec<u64> = (0..KILLS).map(|k| resubmitted[k % 2][k / 2]).collect();
+    let tries = [&da.stop_tries, &db.stop_tries];
+    for (k, n) in per_kill.iter().enumerate() {
+        eprintln!(
+            "kill {}: {} daemon (stopped holding after {} SIGSTOP tries): {n} request(s) \
+             resubmitted by the restarted daemon",
+            k + 1,
+            ["raw", "qcow2"][k % 2],
+            tries[k % 2][k / 2]
+        );
+    }
     eprintln!(
-        "guest run {:?}; requests resubmitted after restarts: raw {}, qcow2 {}",
-        run.total, resubmitted.0, resubmitted.1
+        "per-kill resubmissions: {per_kill:?}; kills took {kills_took:?}; guest run {:?}",
+        run.total
     );
     assert!(
         run.exit_code == 0 && run.output.contains("all-ok"),
@@ -214,11 +292,20 @@ fn guest_io_survives_daemon_sigkill_and_restart() {
         db.log()
     );
     assert!(
-        resubmitted.0 + resubmitted.1 > 0,
-        "no kill hit a request in flight: the test proved nothing\n{}\n{}",
-        da.log(),
-        db.log()
+        kills_took < Duration::from_secs(u64::from(RUNTIME_SECS) - 2),
+        "the kills took {kills_took:?}, fio may have ended before the last: raise RUNTIME_SECS"
     );
+    for (k, &n) in per_kill.iter().enumerate() {
+        assert!(
+            n >= 1,
+            "kill {} ({} daemon) hit no request in flight: the restart resubmitted \
+             nothing\n{}\n{}",
+            k + 1,
+            ["raw", "qcow2"][k % 2],
+            da.log(),
+            db.log()
+        );
+    }
     da.terminate();
     db.terminate();
     let c = outboard_tests::qemu_check(&qc, &[]);

@@ -94,6 +94,19 @@ pub struct Args {
     /// batch; e.g. --poll-us 0 to never poll.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub poll_us: u64,
+    /// TEST ONLY, hidden from --help, off (0) by default: hold each wave of
+    /// completions this many milliseconds (at most 10000) after its I/O
+    /// finished before returning it to the guest, so that requests are in
+    /// flight (recorded in the inflight region) whenever a crash test kills
+    /// the daemon. Never use it in production: it only adds latency.
+    #[arg(
+        long,
+        hide = true,
+        value_name = "MS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(u64).range(0..=10_000)
+    )]
+    pub test_hold_completions_ms: u64,
 }
 
 /// Validated configuration.
@@ -119,6 +132,9 @@ pub struct Config {
     pub writeback: bool,
     /// Poll window.
     pub poll: Duration,
+    /// TEST ONLY (`--test-hold-completions-ms`, zero by default): how long
+    /// each wave of completions is held back.
+    pub test_hold_completions: Duration,
 }
 
 /// Invalid command lines.
@@ -172,6 +188,7 @@ impl TryFrom<Args> for Config {
             direct: a.direct,
             writeback: a.cache == CacheArg::Writeback,
             poll: Duration::from_micros(a.poll_us),
+            test_hold_completions: Duration::from_millis(a.test_hold_completions_ms),
         })
     }
 }

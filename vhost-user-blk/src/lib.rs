@@ -100,7 +100,14 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         serial: cfg.serial.clone(),
         max_dwz_segments: virtio::MAX_DWZ_SEGMENTS,
         poll: cfg.poll,
+        hold_completions: cfg.test_hold_completions,
     };
+    if !cfg.test_hold_completions.is_zero() {
+        log::warn!(
+            "TEST ONLY: holding completions {:?} per wave (--test-hold-completions-ms)",
+            cfg.test_hold_completions
+        );
+    }
     let device = Arc::new(
         BlkDevice::new(
             Arc::new(disk),

@@ -67,6 +67,12 @@ pub struct DeviceSettings {
     pub max_dwz_segments: u32,
     /// Largest adaptive busy-poll window once the queue runs dry (0: off).
     pub poll: Duration,
+    /// TEST ONLY (`--test-hold-completions-ms`; zero, i.e. off, in
+    /// production): how long each wave's completions are held after their
+    /// I/O was started and before they go to the used ring. The requests stay
+    /// recorded in the inflight region meanwhile, so that the crash tests
+    /// can count on requests being in flight whenever they kill the daemon.
+    pub hold_completions: Duration,
 }
 
 /// Everything one pass over a queue works with, besides the engine.
@@ -123,6 +129,10 @@ pub struct QueueEngine {
     /// Rate limit of this queue's broken-ring log lines (a separate budget:
     /// one flood must not hide the other).
     ring_log: LogLimit,
+    /// Synchronous completions of the current wave held back by the test-only
+    /// [`DeviceSettings::hold_completions`] (empty unless it is set; at most
+    /// [`WAVE`], the capacity reserved up front).
+    held: Vec<(u16, Option<GuestAddress>, Done)>,
 }
 
 /// How [`QueueEngine::process`] returned.
@@ -178,12 +188,14 @@ impl QueueEngine {
             dispatch: Dispatch::default(),
             inflight: None,
             recover: false,
-            resubmit: Vec::new(),
+            // Room for the test-only hold's next wave (see hold_and_release).
+            resubmit: Vec::with_capacity(WAVE),
             poll: PollWindow::default(),
             epoch: None,
             seen_epoch: 0,
             log: LogLimit::new(),
             ring_log: LogLimit::new(),
+            held: Vec::with_capacity(WAVE),
         }
     }
 
@@ -193,6 +205,7 @@ impl QueueEngine {
         self.recover = inflight.is_some();
         self.inflight = inflight;
         self.resubmit.clear();
+        self.held.clear();
     }
 
     /// Watches `epoch`, which the owner bumps after each change of the guest
@@ -422,11 +435,22 @@ impl QueueEngine {
                         (status, Done::err())
                     }
                 };
-                publish(ctx, self.inflight.as_ref(), head, status, done)?;
-                completed += 1;
-                unsignalled += 1;
+                if ctx.settings.hold_completions.is_zero() {
+                    publish(ctx, self.inflight.as_ref(), head, status, done)?;
+                    completed += 1;
+                    unsignalled += 1;
+                } else {
+                    // Test-only hold: published after the wave's sleep.
+                    self.held.push((head, status, done));
+                }
             }
-            let idle = drained || taken == 0;
+            let mut idle = drained || taken == 0;
+            if !ctx.settings.hold_completions.is_zero() {
+                let n = self.hold_and_release(ctx)?;
+                completed += n;
+                unsignalled += n;
+                idle &= self.resubmit.is_empty();
+            }
             if self.free.len() < self.slots.len() {
                 self.disk.kick(idle || self.free.is_empty())?;
                 let n = self.reap(ctx)?;
@@ -439,6 +463,54 @@ impl QueueEngine {
         }
         notify(ctx, &mut unsignalled)?;
         Ok(completed)
+    }
+
+    /// TEST ONLY (see [`DeviceSettings::hold_completions`]): when this wave
+    /// has requests in flight or held, starts the queued operations, sleeps
+    /// the hold, then takes the next wave's chains from the available ring
+    /// (recorded in the inflight region, queued like resubmissions), then
+    /// publishes the held synchronous completions (the caller reaps the
+    /// backend next). Every request therefore waits at least one hold
+    /// between being taken and being published, and as the next wave is
+    /// taken before this one is published, requests are in flight at every
+    /// moment while the driver keeps more than a wave queued. The option is
+    /// capped, so a pause or stop is delayed by at most one hold. Returns how
+    /// many requests were published.
+    #[cold]
+    fn hold_and_release<M: GuestMemoryBackend>(
+        &mut self,
+        ctx: &mut QueueCtx<'_, M>,
+    ) -> Result<usize, QueueError> {
+        let in_flight = self.free.len() < self.slots.len();
+        if self.held.is_empty() && !in_flight {
+            return Ok(0);
+        }
+        if in_flight {
+            self.disk.kick(false)?;
+        }
+        std::thread::sleep(ctx.settings.hold_completions);
+        // Not while the owner wants the pass to end (a new memory map, a
+        // pause), and not before pending resubmissions (they are older).
+        if self.resubmit.is_empty() && !self.interrupted() {
+            while self.resubmit.len() < WAVE {
+                avail_ok(ctx)?;
+                let Some(chain) = ctx.q.pop_descriptor_chain(ctx.mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                if let Some(t) = self.inflight.as_mut() {
+                    t.begin(head);
+                }
+                self.resubmit.push(head);
+            }
+            // Taken from the end: the oldest goes last.
+            self.resubmit.reverse();
+        }
+        let n = self.held.len();
+        for (head, status, done) in self.held.drain(..) {
+            publish(ctx, self.inflight.as_ref(), head, status, done)?;
+        }
+        Ok(n)
     }
 
     /// The rate-limiting point, before a request's operation is submitted

@@ -167,6 +167,7 @@ fn process(engine: &mut QueueEngine, q: &mut Queue, mem: &GuestMemoryMmap, stats
         serial: Vec::new(),
         max_dwz_segments: 1,
         poll: Duration::ZERO,
+        hold_completions: Duration::ZERO,
     };
     let how = engine
         .process(&mut QueueCtx {

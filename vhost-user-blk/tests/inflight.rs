@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vhost_user_blk::disk::Disk;
 use vhost_user_blk::inflight::{self, InflightRegion};
@@ -65,16 +65,27 @@ struct Rig {
 }
 
 fn rig() -> (GuestMemoryMmap, Rig) {
+    rig_with(qcow2::ImageFormat::Qcow2)
+}
+
+/// A rig on a `format` disk: qcow2 requests complete synchronously, in
+/// submission order; raw ones go through io_uring.
+fn rig_with(format: qcow2::ImageFormat) -> (GuestMemoryMmap, Rig) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("disk");
-    let o = qcow2::CreateOptions {
-        size: DISK,
-        cluster_size: 4096,
-        ..Default::default()
-    };
-    qcow2::Qcow2::create(&path, &o).expect("create qcow2");
-    // qcow2 requests complete synchronously, in submission order.
-    let disk = Arc::new(Disk::open(&path, qcow2::ImageFormat::Qcow2, false, false).expect("open"));
+    if format == qcow2::ImageFormat::Qcow2 {
+        let o = qcow2::CreateOptions {
+            size: DISK,
+            cluster_size: 4096,
+            ..Default::default()
+        };
+        qcow2::Qcow2::create(&path, &o).expect("create qcow2");
+    } else {
+        File::create(&path)
+            .and_then(|f| f.set_len(DISK))
+            .expect("create raw");
+    }
+    let disk = Arc::new(Disk::open(&path, format, false, false).expect("open"));
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).expect("mem");
     let worker = QueueEngine::new(&disk, QSIZE).expect("worker");
     let (region, size) = inflight::create(1, QSIZE).expect("memfd");
@@ -96,10 +107,16 @@ impl Rig {
     }
 
     fn process(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) {
+        self.process_holding(mem, q, Duration::ZERO);
+    }
+
+    /// [`Rig::process`] with the test-only completion hold set to `hold`.
+    fn process_holding(&mut self, mem: &GuestMemoryMmap, q: &mut Queue, hold: Duration) {
         let settings = DeviceSettings {
             serial: Vec::new(),
             max_dwz_segments: 4,
             poll: Duration::ZERO,
+            hold_completions: hold,
         };
         let stats = QueueStats::default();
         self.worker
@@ -127,11 +144,7 @@ impl Rig {
         self.region.write_all_at(&v.to_le_bytes(), off).expect("w");
     }
     fn entry_inflight(&self, head: u16) -> u8 {
-        let mut b = [0u8; 1];
-        self.region
-            .read_exact_at(&mut b, 16 + 16 * u64::from(head))
-            .expect("read");
-        b[0]
+        entry_inflight(&self.region, head)
     }
     fn set_entry(&self, head: u16, inflight: u8, counter: u64) {
         let off = 16 + 16 * u64::from(head);
@@ -147,6 +160,14 @@ impl Rig {
         assert!(b.iter().all(|&x| x == b[0]), "sector {k} is uniform");
         b[0]
     }
+}
+
+fn entry_inflight(region: &File, head: u16) -> u8 {
+    let mut b = [0u8; 1];
+    region
+        .read_exact_at(&mut b, 16 + 16 * u64::from(head))
+        .expect("read");
+    b[0]
 }
 
 fn used_heads(vq: &MockSplitQueue<GuestMemoryMmap>) -> Vec<u32> {
@@ -271,4 +292,69 @@ fn a_region_too_small_or_past_the_file_is_refused() {
     assert!(InflightRegion::map(dup(&f), 0, size, 3, 256).is_err());
     assert!(InflightRegion::map(dup(&f), 0, size, 0, 256).is_err());
     assert!(InflightRegion::map(dup(&f), 0, size, 1, 0).is_err());
+}
+
+/// The test-only completion hold (`--test-hold-completions-ms`, which the
+/// crash tests rely on to have requests in flight when they kill the daemon)
+/// really holds: while it lasts the requests are taken and recorded in the
+/// inflight region but neither completed nor in the used ring, and the pass
+/// takes at least the hold. For io_uring (raw) and synchronous (qcow2) I/O.
+fn completions_are_held(format: qcow2::ImageFormat) {
+    const HOLD: Duration = Duration::from_millis(300);
+    let (mem, mut r) = rig_with(format);
+    let vq = MockSplitQueue::new(&mem, QSIZE);
+    for k in 0..3 {
+        add_write_chain(&mem, &vq, k);
+    }
+    r.attach();
+    let region = r.region.try_clone().expect("dup");
+    let mut q: Queue = vq.create_queue().expect("queue");
+    let used_addr = q.used_ring();
+    std::thread::scope(|s| {
+        let (mem, q, r) = (&mem, &mut q, &mut r);
+        let worker = s.spawn(move || {
+            let t0 = Instant::now();
+            r.process_holding(mem, q, HOLD);
+            t0.elapsed()
+        });
+        // Wait until the worker took all three (recorded in the region).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (0..3).any(|k| entry_inflight(&region, 3 * k) != 1) {
+            assert!(
+                !worker.is_finished(),
+                "the pass ended before the requests were seen in flight"
+            );
+            assert!(Instant::now() < deadline, "requests never taken");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The hold is far longer than this check: nothing completed yet.
+        for k in 0..3u16 {
+            assert_eq!(status_of(mem, k), 0xff, "request {k} completed early");
+        }
+        let used: u16 = mem
+            .read_obj(GuestAddress(used_addr).unchecked_add(2))
+            .expect("used idx");
+        assert_eq!(used, 0, "nothing in the used ring during the hold");
+        let took = worker.join().expect("worker");
+        assert!(
+            took >= HOLD,
+            "{format:?}: the pass took {took:?}, less than the {HOLD:?} hold"
+        );
+    });
+    assert_eq!(used_heads(&vq), vec![0, 3, 6]);
+    for k in 0..3 {
+        assert_eq!(status_of(&mem, k), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(r.sector(u64::from(k)), 0x10 + k as u8);
+        assert_eq!(r.entry_inflight(3 * k), 0, "head {} cleared", 3 * k);
+    }
+}
+
+#[test]
+fn test_hold_keeps_completions_in_flight_raw() {
+    completions_are_held(qcow2::ImageFormat::Raw);
+}
+
+#[test]
+fn test_hold_keeps_completions_in_flight_qcow2() {
+    completions_are_held(qcow2::ImageFormat::Qcow2);
 }

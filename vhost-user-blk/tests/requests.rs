@@ -72,6 +72,7 @@ fn settings() -> DeviceSettings {
         serial: b"outboard-serial-0001".to_vec(),
         max_dwz_segments: 4,
         poll: Duration::ZERO,
+        hold_completions: Duration::ZERO,
     }
 }
 

@@ -75,7 +75,8 @@ pub struct QueueSetup<'a> {
 /// The inflight I/O tracking region of a device (vhost-user "Inflight I/O
 /// tracking"): a shared memory file the backend allocated (GET_INFLIGHT_FD)
 /// and records taken-but-unfinished requests in. The frontend only keeps it
-/// and hands it back (SET_INFLIGHT_FD) after a reconnect; it never reads it.
+/// and hands it back (SET_INFLIGHT_FD) after a reconnect; it only reads it
+/// to log what a restarted backend will resubmit.
 pub struct Inflight {
     file: File,
     info: VhostUserInflight,
@@ -88,6 +89,58 @@ impl std::fmt::Debug for Inflight {
             .field("num_queues", &self.info.num_queues)
             .field("queue_size", &self.info.queue_size)
             .finish()
+    }
+}
+
+impl Inflight {
+    /// How many requests the region records as taken from queue `index` and
+    /// not yet in its used ring, whose index is `ring_used` now (heads below
+    /// `queue_size` only): what a restarted backend resubmits. Read (not
+    /// changed) with the rules of the vhost-user spec for split queues: per
+    /// queue a 16-byte header `{ features: u64, version: u16, desc_num: u16,
+    /// last_batch_head: u16, used_idx: u16 }` then 16-byte entries `{ inflight:
+    /// u8, padding: [u8; 5], next: u16, counter: u64 }`; when the header's
+    /// used index lags the ring's, the last batch (`last_batch_head`, then
+    /// `next`) reached the used ring before its flags were cleared and does
+    /// not count. Queues sit back to back, `mmap_size / num_queues` bytes
+    /// apart. `None` if the region cannot be read or is not laid out so.
+    /// For logs only: the VMM never writes the region.
+    pub fn recorded_in_flight(&self, index: usize, ring_used: u16, queue_size: u16) -> Option<u16> {
+        const HEADER: usize = 16;
+        const ENTRY: usize = 16;
+        let nq = u64::from(self.info.num_queues);
+        if index as u64 >= nq {
+            return None;
+        }
+        let stride = usize::try_from(self.info.mmap_size / nq).ok()?;
+        if stride < HEADER {
+            return None;
+        }
+        let mut q = vec![0u8; stride];
+        let off = self.info.mmap_offset + index as u64 * stride as u64;
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, &mut q, off).ok()?;
+        let u16_at = |o: usize| u16::from_le_bytes([q[o], q[o + 1]]);
+        if u16_at(8) == 0 {
+            // Never initialised by a backend: nothing recorded.
+            return Some(0);
+        }
+        let desc_num = usize::from(u16_at(10)).min((stride - HEADER) / ENTRY);
+        let mut flags: Vec<bool> = (0..desc_num).map(|h| q[HEADER + h * ENTRY] == 1).collect();
+        let batch = usize::from(ring_used.wrapping_sub(u16_at(14)));
+        let mut head = usize::from(u16_at(12));
+        for _ in 0..batch.min(desc_num) {
+            let Some(f) = flags.get_mut(head) else {
+                break;
+            };
+            *f = false;
+            head = usize::from(u16_at(HEADER + head * ENTRY + 6));
+        }
+        let n = flags
+            .iter()
+            .take(usize::from(queue_size))
+            .filter(|&&f| f)
+            .count();
+        u16::try_from(n).ok()
     }
 }
 
@@ -335,5 +388,53 @@ impl Backend {
                 log::warn!("{}: GET_VRING_BASE({q}): {e}", self.path.display());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+    use vmm_sys_util::tempfile::TempFile;
+
+    /// Two queues of 4 descriptors, 128 bytes apart (16 + 4 * 16, 64-aligned).
+    const STRIDE: u64 = 128;
+
+    fn put16(f: &File, off: u64, v: u16) {
+        f.write_all_at(&v.to_le_bytes(), off).expect("write");
+    }
+
+    fn region() -> Inflight {
+        let file = TempFile::new().expect("tempfile").into_file();
+        file.set_len(2 * STRIDE).expect("size");
+        // Queue 1: version 1, desc_num 4, last batch 2 -> 3, used_idx 5;
+        // heads 0 to 3 flagged in flight.
+        let q = STRIDE;
+        put16(&file, q + 8, 1);
+        put16(&file, q + 10, 4);
+        put16(&file, q + 12, 2);
+        put16(&file, q + 14, 5);
+        for h in 0..4u64 {
+            file.write_all_at(&[1], q + 16 + 16 * h).expect("flag");
+        }
+        put16(&file, q + 16 + 16 * 2 + 6, 3);
+        Inflight {
+            file,
+            info: VhostUserInflight::new(2 * STRIDE, 0, 2, 4),
+        }
+    }
+
+    #[test]
+    fn recorded_in_flight_follows_the_spec_reconnect_rules() {
+        let r = region();
+        // The ring's used index equals the recorded one: all four count.
+        assert_eq!(r.recorded_in_flight(1, 5, 4), Some(4));
+        // Only heads of a ring of 2 count.
+        assert_eq!(r.recorded_in_flight(1, 5, 2), Some(2));
+        // The ring is 2 ahead: the last batch (2, then 3) was used already.
+        assert_eq!(r.recorded_in_flight(1, 7, 4), Some(2));
+        // Queue 0 was never initialised; queue 2 does not exist.
+        assert_eq!(r.recorded_in_flight(0, 0, 4), Some(0));
+        assert_eq!(r.recorded_in_flight(2, 0, 4), None);
     }
 }

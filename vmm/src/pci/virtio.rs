@@ -10,7 +10,7 @@
 //! where the backend tracks inflight I/O).
 
 use std::os::fd::RawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -606,6 +606,9 @@ impl State {
             return Ok(());
         };
         let mut setups = Vec::new();
+        // At a resume: per queue (index, outstanding in the available ring,
+        // recorded in flight by the inflight region, if there is one).
+        let mut resumed = Vec::new();
         for (i, q) in self.queues.iter().enumerate() {
             if !q.enabled {
                 continue;
@@ -620,13 +623,16 @@ impl State {
                     .mem
                     .read_obj::<u16>(GuestAddress(q.avail + 2))
                     .unwrap_or(used);
-                let pending = avail.wrapping_sub(used);
-                if pending != 0 {
-                    log::warn!(
-                        "{}: queue {i}: resuming with {pending} request(s) not completed",
-                        self.path.display()
-                    );
-                }
+                // avail - used counts every request the driver posted and
+                // has not got back: those the dead backend had taken (the
+                // inflight region records them; the new backend resubmits
+                // them) and those it never took, or that were posted while
+                // no backend ran (the new backend takes them as new ones).
+                let recorded = self
+                    .inflight
+                    .as_ref()
+                    .and_then(|r| r.recorded_in_flight(i, used, q.size));
+                resumed.push((i, avail.wrapping_sub(used), recorded));
                 used
             } else {
                 0
@@ -642,6 +648,9 @@ impl State {
                 kick: &q.kick,
                 call: (q.vector != NO_VECTOR).then_some(&q.call),
             });
+        }
+        if resume {
+            log_resume(&self.path, &resumed);
         }
         if backend.has_inflight() {
             // As QEMU's vhost-user-blk: the region is taken at the first start
@@ -750,6 +759,47 @@ impl State {
 
 /// The backend channel's callback for a device (weak: the channel thread
 /// must not keep the device alive).
+/// Logs what the guest had outstanding when a device resumed after a
+/// reconnect, per queue `(index, outstanding, recorded)`: `outstanding` is
+/// the available index minus the used index (everything posted and not
+/// returned), `recorded` what the inflight region records as taken by the
+/// previous backend (`None`: no region). Only the recorded ones are
+/// resubmitted; the others were never taken and are served as new requests,
+/// so the two numbers differ and both are logged.
+fn log_resume(path: &Path, queues: &[(usize, u16, Option<u16>)]) {
+    let outstanding: u32 = queues.iter().map(|&(_, o, _)| u32::from(o)).sum();
+    let recorded: Option<u32> = queues.iter().map(|&(_, _, r)| r.map(u32::from)).sum();
+    let detail = queues
+        .iter()
+        .map(|&(i, o, r)| match r {
+            Some(r) => format!("queue {i}: {o}/{r}"),
+            None => format!("queue {i}: {o}/-"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    match recorded {
+        // A warning like the reconnect itself, so both show at the default
+        // log level, one line per resume.
+        Some(r) => {
+            log::warn!(
+                "{}: resuming after a reconnect: {outstanding} request(s) outstanding in the \
+                 available ring, {r} recorded in flight in the inflight region (the new backend \
+                 resubmits these), {} never taken by the previous backend (served as new) \
+                 [outstanding/in flight: {detail}]",
+                path.display(),
+                outstanding.saturating_sub(r)
+            );
+        }
+        None if outstanding > 0 => log::warn!(
+            "{}: resuming after a reconnect: {outstanding} request(s) outstanding in the \
+             available ring and no inflight region (requests the previous backend had taken \
+             are not resubmitted) [{detail}]",
+            path.display()
+        ),
+        None => {}
+    }
+}
+
 fn config_callback(state: &Arc<Mutex<State>>) -> ConfigChange {
     let weak = Arc::downgrade(state);
     Arc::new(move || {
