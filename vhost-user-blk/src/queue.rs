@@ -414,6 +414,15 @@ impl QueueEngine {
                         Admit::Go => match self.start(ctx, head, &req, tag) {
                             Ok(Started::Queued) => {
                                 self.free.pop();
+                                // What already finished (a synchronous
+                                // backend completes at submission) goes
+                                // back at once, as before the trait: the
+                                // request is in flight no longer than it
+                                // runs. No system call: the ring is only
+                                // entered by `kick`.
+                                let n = self.reap(ctx)?;
+                                completed += n;
+                                unsignalled += n;
                                 continue;
                             }
                             Ok(Started::Done(d)) => (Some(req.status), d),
