@@ -486,6 +486,46 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Stops our child `pid` (SIGSTOP) and waits until all its threads are stopped: from then on
+/// it publishes nothing (e.g. no completion) until [`thaw`] or SIGKILL.
+pub fn freeze(pid: u32) {
+    let pid = i32::try_from(pid).expect("pid");
+    // SAFETY: kill(2) on the caller's own child, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let tasks = PathBuf::from(format!("/proc/{pid}/task"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let all_stopped = fs::read_dir(&tasks)
+            .expect("/proc/PID/task")
+            .flatten()
+            .all(|t| {
+                let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                // "tid (comm) S ...": the state follows the last ')'.
+                let state = stat
+                    .rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().next())
+                    .unwrap_or("");
+                state == "T" || state == "t"
+            });
+        if all_stopped {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} did not stop on SIGSTOP"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Resumes a child stopped by [`freeze`] (SIGCONT).
+pub fn thaw(pid: u32) {
+    let pid = i32::try_from(pid).expect("pid");
+    // SAFETY: kill(2) on the caller's own child, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+}
+
 /// Freezes our `vhost-user-blk` child `pid` (SIGSTOP) at a moment when one of its queue
 /// threads (`vring_worker`) is inside the test-only completion hold
 /// (`--test-hold-completions-ms`): in hold mode that is its only `clock_nanosleep`, and it

@@ -6,10 +6,12 @@
 //! and qcow2.
 //!
 //! The write is in flight at the kill by construction: the daemon runs with
-//! the test-only `--test-hold-completions-ms` ([`HOLD`]), the kill comes a
-//! random time shorter than that after the write was sent, and the test
-//! counts a kill as hitting the write only if the client has seen no
-//! completion for it, before the kill or after the daemon died (libblkio does
+//! the test-only `--test-hold-completions-ms` ([`HOLD`]), the daemon is
+//! frozen (SIGSTOP) a random time shorter than that after the write was sent,
+//! and killed only if the client has seen no completion for it by then (else
+//! the write counts as an ordinary one, the daemon resumes and another write
+//! is sent). The test counts a kill as hitting the write only if no
+//! completion appears after the kill either (libblkio does
 //! not reconnect, so nothing is resubmitted here; `vmm_blk_crash` and
 //! `guest_blk_crash` check that). Every kill must hit. Checks after each kill:
 //! - `qemu-img check` finds no corruption (leaks are allowed after a kill);
@@ -109,15 +111,30 @@ fn io(
     }
 }
 
-/// Sends the write of `(block, seq)`, SIGKILLs the daemon `delay` later and
-/// reaps it. `true` when the client saw no completion for the write, neither
-/// before the kill nor once the daemon was gone: the kill hit it in flight.
+/// How a write sent just before a kill ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Victim {
+    /// Frozen and killed with the write sent and not completed: no completion
+    /// before the freeze, none after the kill.
+    Hit,
+    /// The write completed before the daemon was frozen (this thread was
+    /// late, e.g. on a busy machine); the daemon was resumed, not killed.
+    Late,
+    /// A completion appeared after the kill of the frozen daemon (a broken
+    /// freeze): counted as a kill that did not hit a write in flight.
+    Miss,
+}
+
+/// Sends the write of `(block, seq)`, waits `delay`, freezes the daemon
+/// (SIGSTOP, all threads stopped: it publishes nothing from then on) and
+/// looks for the write's completion: if there is none, SIGKILLs the frozen
+/// daemon, reaps it and looks again.
 fn write_and_kill(
     client: &mut BlkClient,
     daemon: &mut Daemon,
     (b, s): (u64, u64),
     delay: Duration,
-) -> bool {
+) -> Victim {
     let pid = daemon.pid().expect("pid");
     let q = client.queue(0);
     q.buf_mut()[..BLOCK].copy_from_slice(&block(s, b));
@@ -129,8 +146,13 @@ fn write_and_kill(
     assert!(sent.is_ok(), "sending the write: {sent:?}");
     let mut completed = !out.is_empty();
     std::thread::sleep(delay);
+    outboard_tests::freeze(pid);
     if let Ok(n) = q.reap(0, &mut out, Some(Duration::ZERO)) {
         completed |= n > 0;
+    }
+    if completed {
+        outboard_tests::thaw(pid);
+        return Victim::Late;
     }
     // SAFETY: kill(2) on our own child, not reaped yet (`daemon` reaps it).
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -139,12 +161,11 @@ fn write_and_kill(
         assert!(Instant::now() < deadline, "SIGKILLed daemon still running");
         std::thread::sleep(Duration::from_millis(1));
     }
-    // The daemon is gone: a completion it published before dying is in the
-    // used ring now, or never will be.
-    if let Ok(n) = q.reap(0, &mut out, Some(Duration::ZERO)) {
-        completed |= n > 0;
+    // The daemon is gone: nothing it published is left unseen.
+    match q.reap(0, &mut out, Some(Duration::ZERO)) {
+        Ok(n) if n > 0 => Victim::Miss,
+        _ => Victim::Hit,
     }
-    !completed
 }
 
 /// Reads the whole image as the guest sees it.
@@ -175,6 +196,7 @@ fn crash_loop(format: Format) {
     let mut snapshots_taken = 0u32;
     let mut flushed_writes = 0u64;
     let mut in_flight_kills = 0usize;
+    let mut late_writes = 0usize;
     for round in 0..ROUNDS {
         let mut daemon = start(&cfg, &ctl);
         let mut client = daemon
@@ -226,21 +248,37 @@ fn crash_loop(format: Format) {
                 pending.clear();
             }
         }
-        let b = rng.gen_range(0..BLOCKS);
-        let s = seq;
-        seq += 1;
-        allowed.entry(b).or_insert_with(|| vec![0]).push(s);
-        pending.push((b, s));
+        // The write the kill hits; another one if this thread was so late
+        // that the write had completed before the daemon was frozen.
         let delay = Duration::from_millis(rng.gen_range(2..30));
-        let hit = write_and_kill(&mut client, &mut daemon, (b, s), delay);
+        let mut tries = 0;
+        let hit = loop {
+            let b = rng.gen_range(0..BLOCKS);
+            let s = seq;
+            seq += 1;
+            allowed.entry(b).or_insert_with(|| vec![0]).push(s);
+            pending.push((b, s));
+            tries += 1;
+            match write_and_kill(&mut client, &mut daemon, (b, s), delay) {
+                Victim::Late => {
+                    late_writes += 1;
+                    assert!(
+                        tries < 10,
+                        "round {round}: 10 writes in a row completed within {delay:?} and a \
+                         SIGSTOP; the daemon holds completions {HOLD:?}: is the hold working?"
+                    );
+                }
+                v => break v == Victim::Hit,
+            }
+        };
         in_flight_kills += usize::from(hit);
         eprintln!(
-            "{format} round {round}: kill {delay:?} after a write was sent, after {before_kill} \
-             earlier write(s): {}",
+            "{format} round {round}: kill {delay:?} after a write was sent (try {tries}), after \
+             {before_kill} earlier write(s): {}",
             if hit {
                 "hit the write in flight"
             } else {
-                "the write had completed"
+                "a completion came after the kill"
             }
         );
         stop.store(true, Ordering::SeqCst);
@@ -282,11 +320,12 @@ fn crash_loop(format: Format) {
     }
     eprintln!(
         "{format}: {ROUNDS} kills, {in_flight_kills} of them with a write in flight, \
+         {late_writes} write(s) completed before the freeze (sent again), \
          {flushed_writes} writes flushed, {snapshots_taken} snapshots"
     );
     assert_eq!(
         in_flight_kills, ROUNDS,
-        "{format}: some kills came after the write had completed"
+        "{format}: some kills did not hit a write in flight (a completion came after the kill)"
     );
     assert!(flushed_writes > 0);
     if format == Format::Qcow2 {
