@@ -88,14 +88,7 @@ fn run(
     // The call eventfd cannot be replaced while we hold the vring state, so
     // its raw fd stays valid for this pass (no dup per kick).
     let call = state.get_call().as_ref().map(|c| c.as_raw_fd());
-    let mut signal = || {
-        if let Some(fd) = call {
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: `fd` is the open call eventfd owned by the vring state
-            // we hold; writing 8 bytes from a local buffer.
-            let _ = unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
-        }
-    };
+    let mut signal = || outboard_common::daemon::signal_call(call);
     device
         .run_queue(index, state.get_queue_mut(), &mut signal)
         .map_err(io::Error::other)

@@ -10,19 +10,13 @@
 //!
 //! Replies: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 
-use std::path::Path;
-use std::sync::Arc;
+//!
+//! The socket itself (accepting, framing) is `outboard_common::control`,
+//! started by the shared daemon prologue; this module only answers.
 
 use serde_json::{json, Value};
 
 use crate::device::BlkDevice;
-
-pub use outboard_common::control::ControlError;
-
-/// Starts serving the control socket at `path` on its own thread.
-pub fn spawn(path: &Path, device: Arc<BlkDevice>) -> Result<(), ControlError> {
-    outboard_common::control::spawn(path, move |req| handle(req, &device))
-}
 
 /// Executes one request.
 pub fn handle(req: &Value, device: &BlkDevice) -> Value {
