@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 use outboard_common::sandbox::SeccompMode;
 
+use crate::uring::TapIo;
 use crate::virtio::Offloads;
 
 /// A switch that defaults on.
@@ -102,6 +103,10 @@ pub struct Args {
     /// Notification suppression (RING_EVENT_IDX).
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     pub event_idx: OnOff,
+    /// Tap I/O: uring (batches of reads/writes per system call) or sync (one
+    /// readv/writev per frame).
+    #[arg(long, value_enum, default_value_t = TapIo::default())]
+    pub tap_io: TapIo,
     /// Host-side address of the tap for a routed setup, e.g. 192.168.100.1.
     #[arg(long, value_name = "ADDR")]
     pub ip: Option<IpAddr>,
@@ -164,6 +169,8 @@ pub struct Config {
     pub queue_size: u16,
     /// Offload switches.
     pub offloads: Offloads,
+    /// Tap I/O mode.
+    pub tap_io: TapIo,
     /// Host address and prefix length.
     pub ip: Option<(IpAddr, u8)>,
     /// Control socket.
@@ -296,6 +303,7 @@ impl TryFrom<Args> for Config {
                 mrg_rxbuf: a.mrg_rxbuf.on(),
                 event_idx: a.event_idx.on(),
             },
+            tap_io: a.tap_io,
             ip,
             control_socket: a.control_socket,
             seccomp: a.seccomp,

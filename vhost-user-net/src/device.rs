@@ -13,6 +13,7 @@ use crate::rx::{Rx, RxError, RxStop};
 use crate::stats::QueueStats;
 use crate::tap::{Tap, TapError};
 use crate::tx::{Tx, TxError};
+use crate::uring::TapIo;
 use crate::virtio::{
     config_space, device_features, tap_offload_flags, DeviceParams, Negotiated, CONFIG_SPACE_SIZE,
 };
@@ -75,15 +76,24 @@ impl NetDevice {
         for i in 1..tap.queues() {
             tap.set_queue_attached(i, false)?;
         }
+        let pairs = (0..want)
+            .map(|i| {
+                let mut p = Pair {
+                    rx: Rx::new(n, params.mtu),
+                    tx: Tx::new(n),
+                };
+                if let (TapIo::Uring, Some(fd)) = (params.tap_io, tap.fd(i)) {
+                    // No io_uring (old kernel, seccomp of a container):
+                    // one system call per frame.
+                    if let Err(e) = p.rx.use_uring(fd).and_then(|()| p.tx.use_uring(fd)) {
+                        log::warn!("pair {i}: {e}; one readv/writev per frame");
+                    }
+                }
+                Mutex::new(p)
+            })
+            .collect();
         Ok(NetDevice {
-            pairs: (0..want)
-                .map(|_| {
-                    Mutex::new(Pair {
-                        rx: Rx::new(n, params.mtu),
-                        tx: Tx::new(n),
-                    })
-                })
-                .collect(),
+            pairs,
             stats: (0..2 * want).map(|_| QueueStats::default()).collect(),
             params,
             tap,

@@ -35,6 +35,7 @@ pub mod server;
 pub mod stats;
 pub mod tap;
 pub mod tx;
+pub mod uring;
 pub mod virtio;
 
 use std::sync::Arc;
@@ -174,6 +175,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, Error> {
         queue_size: cfg.queue_size,
         offloads: cfg.offloads,
         tap_ufo: tap.supports_ufo(),
+        tap_io: cfg.tap_io,
     };
     let device = Arc::new(NetDevice::new(params, tap)?);
     // Administratively up for good: the carrier says whether a driver runs.
