@@ -779,6 +779,23 @@ fn setup_and_link_state_over_netlink() {
         flag(&link, "LOWER_UP") && link["operstate"] == "UP",
         "up once the queues started: {link}"
     );
+    // `ctl link down|up`: carrier and the config space's link status
+    // follow; no frontend channel, so nobody to notify.
+    let status = |d: &NetDevice| u16::from_le_bytes([d.config()[6], d.config()[7]]);
+    assert_eq!(status(&dev), VIRTIO_NET_S_LINK_UP as u16);
+    assert!(!dev.set_link(false).expect("link down"), "nobody notified");
+    assert_eq!(status(&dev), 0, "config status without LINK_UP");
+    let link = show(&a);
+    assert!(flag(&link, "NO-CARRIER"), "carrier off while down: {link}");
+    assert!(dev.link_up(), "the driver still runs the queues");
+    // A driver restarting the queues does not bring an administratively
+    // down link up.
+    dev.start();
+    assert!(flag(&show(&a), "NO-CARRIER"));
+    dev.set_link(true).expect("link up");
+    assert_eq!(status(&dev), VIRTIO_NET_S_LINK_UP as u16);
+    let link = show(&a);
+    assert!(flag(&link, "LOWER_UP"), "carrier back: {link}");
     dev.stop();
     let link = show(&a);
     assert!(

@@ -8,6 +8,7 @@ use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -118,6 +119,16 @@ impl VhostUserBackend for NetBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        self.device.set_config_notifier(Some(Box::new(move || {
+            backend
+                .handle_config_change()
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })));
     }
 
     fn set_event_idx(&self, _enabled: bool) {}

@@ -337,6 +337,22 @@ pub enum Sub {
 pub enum CtlCmd {
     /// Link state, negotiated features and per-queue packet, byte, drop and error counters.
     Stats,
+    /// Set the link administratively down or up (tap carrier and the guest's link status,
+    /// with a config-change notification).
+    Link {
+        /// up or down.
+        #[arg(value_enum)]
+        state: LinkState,
+    },
+}
+
+/// `ctl link` states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LinkState {
+    /// Carrier on.
+    Up,
+    /// Carrier off.
+    Down,
 }
 
 impl CtlCmd {
@@ -344,6 +360,10 @@ impl CtlCmd {
     pub fn request(&self) -> serde_json::Value {
         match self {
             CtlCmd::Stats => serde_json::json!({"cmd": "stats"}),
+            CtlCmd::Link { state } => serde_json::json!({
+                "cmd": "link",
+                "state": if *state == LinkState::Up { "up" } else { "down" },
+            }),
         }
     }
 }
