@@ -88,7 +88,9 @@ fn guest_sees_link_down_and_up_and_the_daemons_mtu() {
         assert!(Instant::now() < deadline, "no daemon sockets");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // The guest waits for each change with a timeout and prints what `ip link` says.
+    // The guest waits for each change with a timeout and prints what `ip link` says (the
+    // flags follow the operstate, which the kernel's link watch updates up to a second
+    // after the carrier).
     let script = format!(
         "set -e\n{setup}\
          echo mtu=$(cat /sys/class/net/eth0/mtu)\n\
@@ -97,10 +99,12 @@ fn guest_sees_link_down_and_up_and_the_daemons_mtu() {
          echo want-down\n\
          i=0; while [ $(cat /sys/class/net/eth0/carrier) != 0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n\
          echo carrier=$(cat /sys/class/net/eth0/carrier)\n\
+         i=0; while ! ip link show eth0 | grep -q NO-CARRIER && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done\n\
          echo down-link: $(ip link show eth0 | head -1)\n\
          echo want-up\n\
          i=0; while [ $(cat /sys/class/net/eth0/carrier) != 1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n\
          echo carrier=$(cat /sys/class/net/eth0/carrier)\n\
+         i=0; while ! ip link show eth0 | grep -q LOWER_UP && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done\n\
          echo up-link: $(ip link show eth0 | head -1)\n\
          ping -c 3 -W 5 {peer}\n\
          ping -c 2 -W 5 -s 1372 {peer}\n",

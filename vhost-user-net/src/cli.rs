@@ -107,6 +107,10 @@ pub struct Args {
     /// readv/writev per frame).
     #[arg(long, value_enum, default_value_t = TapIo::default())]
     pub tap_io: TapIo,
+    /// Largest window a TX queue that ran dry polls its ring before waiting for a kick
+    /// (adaptive; 0: off).
+    #[arg(long, value_name = "US", default_value_t = 50)]
+    pub poll_us: u32,
     /// Host-side address of the tap for a routed setup, e.g. 192.168.100.1.
     #[arg(long, value_name = "ADDR")]
     pub ip: Option<IpAddr>,
@@ -171,6 +175,8 @@ pub struct Config {
     pub offloads: Offloads,
     /// Tap I/O mode.
     pub tap_io: TapIo,
+    /// TX busy-poll window (microseconds).
+    pub poll_us: u32,
     /// Host address and prefix length.
     pub ip: Option<(IpAddr, u8)>,
     /// Control socket.
@@ -304,6 +310,7 @@ impl TryFrom<Args> for Config {
                 event_idx: a.event_idx.on(),
             },
             tap_io: a.tap_io,
+            poll_us: a.poll_us,
             ip,
             control_socket: a.control_socket,
             seccomp: a.seccomp,

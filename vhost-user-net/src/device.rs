@@ -104,6 +104,7 @@ impl NetDevice {
                     rx: Rx::new(n, params.mtu),
                     tx: Tx::new(n),
                 };
+                p.tx.set_poll(std::time::Duration::from_micros(u64::from(params.poll_us)));
                 if let (TapIo::Uring, Some(fd)) = (params.tap_io, tap.fd(i)) {
                     // No io_uring (old kernel, seccomp of a container):
                     // one system call per frame.

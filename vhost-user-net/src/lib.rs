@@ -30,6 +30,7 @@ pub mod cli;
 pub mod control;
 pub mod device;
 pub mod netlink;
+pub mod poll;
 pub mod rx;
 pub mod server;
 pub mod stats;
@@ -176,6 +177,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, Error> {
         offloads: cfg.offloads,
         tap_ufo: tap.supports_ufo(),
         tap_io: cfg.tap_io,
+        poll_us: cfg.poll_us,
     };
     let device = Arc::new(NetDevice::new(params, tap)?);
     // Administratively up for good: the carrier says whether a driver runs.

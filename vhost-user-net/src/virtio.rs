@@ -71,6 +71,8 @@ pub struct DeviceParams {
     pub tap_ufo: bool,
     /// How the engines do tap I/O.
     pub tap_io: crate::uring::TapIo,
+    /// Largest busy-poll window of the TX engines, in microseconds.
+    pub poll_us: u32,
 }
 
 /// The virtio feature bits the device offers (without the vhost-user bit).
@@ -199,6 +201,7 @@ mod tests {
             offloads,
             tap_ufo,
             tap_io: crate::uring::TapIo::default(),
+            poll_us: 0,
         }
     }
 

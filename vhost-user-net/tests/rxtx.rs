@@ -581,8 +581,13 @@ fn uring_tx_writes_a_batch_in_order_and_counts_bad_chains() {
             chains.push(vec![(at, f.len() as u32, W)]);
             continue;
         }
-        // Header split from the frame at an odd offset.
-        chains.push(vec![(at, 5, R), (at + 5, f.len() as u32 - 5, R)]);
+        if i % 3 == 0 {
+            // Header and frame in one buffer (a plain write).
+            chains.push(vec![(at, f.len() as u32, R)]);
+        } else {
+            // Header split from the frame at an odd offset.
+            chains.push(vec![(at, 5, R), (at + 5, f.len() as u32 - 5, R)]);
+        }
         frames.push(f);
     }
     let refs: Vec<&[(u64, u32, u16)]> = chains.iter().map(|c| c.as_slice()).collect();
