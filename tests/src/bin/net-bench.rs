@@ -35,6 +35,7 @@ struct Opts {
     sizes: Vec<usize>,
     rounds: usize,
     dirs: Vec<String>,
+    pin: Option<usize>,
 }
 
 fn opts() -> Opts {
@@ -43,6 +44,7 @@ fn opts() -> Opts {
         sizes: vec![64, 1500],
         rounds: 3,
         dirs: vec!["tx".into(), "rx".into()],
+        pin: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -52,9 +54,10 @@ fn opts() -> Opts {
             "--sizes" => o.sizes = v.split(',').filter_map(|s| s.parse().ok()).collect(),
             "--rounds" => o.rounds = v.parse().unwrap_or(3),
             "--dirs" => o.dirs = v.split(',').map(String::from).collect(),
+            "--pin" => o.pin = v.parse().ok(),
             _ => {
                 eprintln!(
-                    "usage: net-bench [--secs N] [--sizes 64,1500] [--rounds 3] [--dirs tx,rx,txbr]"
+                    "usage: net-bench [--secs N] [--sizes 64,1500] [--rounds 3] [--dirs tx,rx,txbr] [--pin CPU]"
                 );
                 std::process::exit(2);
             }
@@ -157,6 +160,27 @@ fn mode_args(tap: &str, env: &str, mode: &str) -> Vec<&'static str> {
     v
 }
 
+/// Pins every thread of process `pid` (and threads it starts later) to `cpu`.
+fn pin_process(pid: u32, cpu: usize) {
+    let ok = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(ok, "taskset -a -p -c {cpu} {pid} failed");
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_thread(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it; the
+    // affinity call reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 /// The tx baselines and daemons: taps alone in namespace `c`.
 struct Lone {
     c: Netns,
@@ -164,13 +188,19 @@ struct Lone {
     sync: NetDaemon,
     /// The write loop's tap (daemon flags: IFF_VNET_HDR, multi-queue).
     wtap: vhost_user_net::tap::Tap,
+    /// The CPU the daemons and the write loop run on.
+    pin: Option<usize>,
 }
 
 impl Lone {
-    fn new(bin: &std::path::Path) -> Lone {
+    fn new(bin: &std::path::Path, pin: Option<usize>) -> Lone {
         let c = Netns::new("benchc");
         let uring = NetDaemon::spawn_bin(bin, &c, &mode_args("obtxu", "OB_BENCH_U", "uring"));
         let sync = NetDaemon::spawn_bin(bin, &c, &mode_args("obtxs", "OB_BENCH_S", "sync"));
+        if let Some(cpu) = pin {
+            pin_process(uring.pid(), cpu);
+            pin_process(sync.pid(), cpu);
+        }
         let wtap = c.run(|| vhost_user_net::tap::Tap::open("obtxw", 1).expect("tap"));
         wtap.set_carrier(true).expect("carrier");
         c.ip(&["link", "set", "obtxw", "up"]);
@@ -179,6 +209,7 @@ impl Lone {
             uring,
             sync,
             wtap,
+            pin,
         }
     }
 
@@ -188,7 +219,11 @@ impl Lone {
         let fd = self.wtap.fd(0).expect("fd");
         let stop = Arc::new(AtomicBool::new(false));
         let st = stop.clone();
+        let pin = self.pin;
         let writer = std::thread::spawn(move || {
+            if let Some(cpu) = pin {
+                pin_thread(cpu);
+            }
             let (mut n, c0) = (0u64, thread_cpu_ns());
             while !st.load(Ordering::Relaxed) {
                 // SAFETY: writing our own buffer to the tap fd we hold open.
@@ -429,7 +464,16 @@ fn main() {
     let _sink = b.run(|| UdpSocket::bind("198.18.0.2:9").expect("sink"));
     let peer = b.mac("vb").map(|x| format!("{x:02x}")).join(":");
     let rig = Rig { a, b, peer };
-    let lone = o.dirs.iter().any(|d| d == "tx").then(|| Lone::new(&bin));
+    if let Some(cpu) = o.pin {
+        pin_process(uring.pid(), cpu);
+        pin_process(sync.pid(), cpu);
+        println!("daemons and the write loop pinned to CPU {cpu} (testpmd: -l 0-1)");
+    }
+    let lone = o
+        .dirs
+        .iter()
+        .any(|d| d == "tx")
+        .then(|| Lone::new(&bin, o.pin));
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("load average at start: {}", load.trim());
     println!("| round | size | dir | uring pps | sync pps | baseline pps | uring/base | sync/base | uring/sync | uring Gbit/s | CPU ns/frame uring, sync, base |");
