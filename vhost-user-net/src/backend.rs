@@ -133,6 +133,12 @@ impl VhostUserBackend for NetBackend {
 
     fn set_event_idx(&self, _enabled: bool) {}
 
+    fn vring_enabled(&self, index: usize, enabled: bool) {
+        if !enabled {
+            self.device.stop_pair(index / 2);
+        }
+    }
+
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let c = self.device.config();
         let start = offset as usize;

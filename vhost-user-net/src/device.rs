@@ -228,6 +228,25 @@ impl NetDevice {
         self.start();
     }
 
+    /// The driver disabled a queue of `pair` (SET_VRING_ENABLE 0, e.g.
+    /// `ethtool -L` in the guest): detach its tap queue so the kernel
+    /// steers flows to the pairs still running; the next event of the pair
+    /// after it is enabled again attaches it ([`NetDevice::start_pair`]).
+    /// Pair 0 stays attached (a tap with no queue takes no frames at all).
+    pub fn stop_pair(&self, pair: usize) {
+        if pair == 0 {
+            return;
+        }
+        if let Some(s) = self.started.get(pair) {
+            if s.swap(false, Ordering::AcqRel) {
+                match self.tap.set_queue_attached(pair, false) {
+                    Ok(()) => log::info!("{}: queue pair {pair} disabled", self.tap.name()),
+                    Err(e) => log::warn!("{e}"),
+                }
+            }
+        }
+    }
+
     /// The driver started the queues: carrier on (once).
     pub fn start(&self) {
         if self.link_up.load(Ordering::Acquire) {
