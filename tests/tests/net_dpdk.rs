@@ -139,6 +139,28 @@ fn testpmd_through_the_daemon() {
     assert_eq!(v["queues"].as_array().map(Vec::len), Some(4));
     let tx: u64 = v["queues"][1]["packets"].as_u64().expect("packets");
     assert!(tx >= 1000, "{v}");
+    // `ctl link down|up` through the client; testpmd is gone, so nobody is
+    // notified, and the state shows in the counters' reply.
+    let ctl = |args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(outboard_tests::workspace_binary("vhost-user-net"))
+            .arg("ctl")
+            .arg(&s.daemon.control)
+            .args(args)
+            .output()
+            .expect("vhost-user-net ctl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    let down = ctl(&["link", "down"]);
+    assert_eq!(down["ok"], true, "{down}");
+    assert_eq!(down["notified"], false, "{down}");
+    assert_eq!(ctl(&["stats"])["admin_up"], false);
+    assert_eq!(ctl(&["link", "up"])["link"], "up");
+    assert_eq!(ctl(&["stats"])["admin_up"], true);
     // SIGTERM: exit 0 and the socket is gone.
     let mut s = s;
     let socket = s.daemon.socket.clone();

@@ -425,3 +425,156 @@ fn a_hostile_queue_pair_does_not_stop_the_daemon_or_the_other_pair() {
     );
     assert!(d.is_running(), "daemon died:\n{}", d.log_text());
 }
+
+/// Which RX queue (0 or 2) each flow `i` (payload "flow I") landed on.
+fn flows_seen(mem: &GuestMem, n: usize, prefix: &str) -> Vec<Option<u64>> {
+    let mut seen = vec![None; n];
+    for q in [0u64, 2] {
+        for i in 0..mem.used_idx(q) {
+            let (id, len) = mem.used(q, i);
+            let f = mem.read(buf(q, u64::from(id)), len as usize);
+            if let Some(n) = f
+                .get(12 + 42..)
+                .and_then(|p| std::str::from_utf8(p).ok())
+                .and_then(|t| t.strip_prefix(prefix))
+                .and_then(|t| t.parse::<usize>().ok())
+            {
+                if let Some(s) = seen.get_mut(n) {
+                    *s = Some(q);
+                }
+            }
+        }
+    }
+    seen
+}
+
+/// Issue 12 part 2, daemon side: the frontend disables queue pair 1
+/// (SET_VRING_ENABLE 0 on its rings, what QEMU sends for `ethtool -L
+/// combined 1` in the guest): the daemon detaches tap queue 1 at once, so
+/// every flow from B reaches pair 0's RX ring, byte for byte, and nothing
+/// more lands on pair 1. Enabled again (and kicked), pair 1 receives flows
+/// again. Seccomp in kill mode: TUNSETQUEUE is allowed once serving.
+#[test]
+fn a_disabled_queue_pair_gives_its_flows_to_the_others() {
+    let a = Netns::new("hqa");
+    let b = Netns::new("hqb");
+    a.veth("va", &b, "vb");
+    b.ip(&["addr", "add", "10.204.0.2/24", "dev", "vb"]);
+    b.ip(&[
+        "neigh",
+        "replace",
+        "10.204.0.1",
+        "lladdr",
+        "52:54:00:12:34:58",
+        "dev",
+        "vb",
+    ]);
+    let d = NetDaemon::spawn(
+        &a,
+        &[
+            "--tap",
+            "obtap0",
+            "--bridge",
+            "obbr0",
+            "--create-bridge",
+            "--queue-pairs",
+            "2",
+            "--mac",
+            "52:54:00:12:34:58",
+            "--seccomp",
+            "kill",
+        ],
+    );
+    a.ip(&["link", "set", "va", "master", "obbr0"]);
+    let mem = GuestMem::new();
+    let (mut conn, kicks, _calls) = connect(&d.socket, &mem);
+    for q in [0u64, 2] {
+        for i in 0..QSIZE {
+            mem.desc(q, i, buf(q, u64::from(i)), 2048, WRITE, 0);
+        }
+        mem.avail(q, 0, &(0..QSIZE).collect::<Vec<_>>(), QSIZE);
+        kick(&kicks[q as usize]);
+    }
+    wait_until("tap up", &d, || d.stats()["link_up"] == true);
+    wait_until("bridge port forwarding", &d, || {
+        a.exec(&["cat", "/sys/class/net/obtap0/brport/state"])
+            .trim()
+            == "3"
+    });
+    let senders: Vec<UdpSocket> = (0..20u16)
+        .map(|i| b.run(move || UdpSocket::bind(("10.204.0.2", 7300 + i)).expect("bind")))
+        .collect();
+    let send_all = |prefix: &str| {
+        for (i, s) in senders.iter().enumerate() {
+            s.send_to(format!("{prefix}{i}").as_bytes(), "10.204.0.1:9")
+                .expect("send");
+        }
+    };
+    let wait_flows = |prefix: &str| -> Vec<Option<u64>> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let seen = flows_seen(&mem, senders.len(), prefix);
+            if seen.iter().all(Option::is_some) || Instant::now() > deadline {
+                return seen;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // Both pairs run: the tap spreads the 20 flows over both RX rings.
+    send_all("both ");
+    let seen = wait_flows("both ");
+    assert!(
+        seen.iter().all(Option::is_some),
+        "flows lost with both pairs: {seen:?}\n{}",
+        d.stats()
+    );
+    assert!(
+        seen.contains(&Some(0)) && seen.contains(&Some(2)),
+        "flows spread over both pairs: {seen:?}"
+    );
+    // The frontend disables pair 1 (both rings).
+    let state = |q: u32, n: u32| [q.to_le_bytes(), n.to_le_bytes()].concat();
+    conn.send(SET_VRING_ENABLE, &state(2, 0), &[]);
+    conn.send(SET_VRING_ENABLE, &state(3, 0), &[]);
+    conn.get_u64(GET_FEATURES);
+    let pair1_before = mem.used_idx(2);
+    send_all("one ");
+    let seen = wait_flows("one ");
+    assert!(
+        seen.iter().all(|s| *s == Some(0)),
+        "with pair 1 disabled every flow reaches pair 0: {seen:?}\n{}\n{}",
+        d.stats(),
+        d.log_text()
+    );
+    assert_eq!(mem.used_idx(2), pair1_before, "nothing more on pair 1");
+    // Byte for byte: each datagram's payload after the headers.
+    for i in 0..mem.used_idx(0) {
+        let (id, len) = mem.used(0, i);
+        let f = mem.read(buf(0, u64::from(id)), len as usize);
+        if let Some(p) = f.get(12 + 42..) {
+            if let Some(n) = std::str::from_utf8(p)
+                .ok()
+                .and_then(|t| t.strip_prefix("one "))
+            {
+                assert_eq!(p, format!("one {n}").as_bytes());
+                assert_eq!(&f[12..18], &GUEST_MAC, "to the guest's MAC");
+            }
+        }
+    }
+    // Enabled again and kicked: pair 1 takes flows again.
+    conn.send(SET_VRING_ENABLE, &state(2, 1), &[]);
+    conn.send(SET_VRING_ENABLE, &state(3, 1), &[]);
+    conn.get_u64(GET_FEATURES);
+    kick(&kicks[2]);
+    // The kick attaches the queue on the pair's worker thread.
+    std::thread::sleep(Duration::from_millis(200));
+    send_all("again ");
+    let seen = wait_flows("again ");
+    assert!(
+        seen.iter().all(Option::is_some) && seen.contains(&Some(2)),
+        "pair 1 receives again once enabled: {seen:?}\n{}",
+        d.stats()
+    );
+    let mut d = d;
+    assert!(d.is_running(), "daemon died:\n{}", d.log_text());
+}

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use outboard_tests::netns::{csum_add, csum_fold, ipv4_frame, pseudo_v4, Netns};
 use vhost_user_net::cli::{Config, DaemonConfig, Listen};
 use vhost_user_net::device::NetDevice;
+use vhost_user_net::uring::TapIo;
 use vhost_user_net::virtio::Offloads;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
@@ -47,11 +48,11 @@ struct Rig {
     offloads: bool,
 }
 
-fn rig(mrg: bool, offloads: bool) -> Rig {
-    rig_pairs(mrg, offloads, 1)
+fn rig(mrg: bool, offloads: bool, io: TapIo) -> Rig {
+    rig_pairs(mrg, offloads, 1, io)
 }
 
-fn rig_pairs(mrg: bool, offloads: bool, pairs: u16) -> Rig {
+fn rig_pairs(mrg: bool, offloads: bool, pairs: u16, io: TapIo) -> Rig {
     let a = Netns::new("neta");
     let b = Netns::new("netb");
     a.veth("va", &b, "vb");
@@ -89,6 +90,8 @@ fn rig_pairs(mrg: bool, offloads: bool, pairs: u16) -> Rig {
             mrg_rxbuf: mrg,
             event_idx: true,
         },
+        tap_io: io,
+        poll_us: 50,
         ip: None,
     };
     let dev = a.run(move || vhost_user_net::setup(&cfg).expect("device setup in namespace A"));
@@ -270,8 +273,8 @@ fn partial_csum_ok(hdr: &[u8], frame: &[u8]) -> bool {
     l4_csum_ok(&f)
 }
 
-fn tx_case(mrg: bool, offloads: bool) {
-    let r = rig(mrg, offloads);
+fn tx_case(mrg: bool, offloads: bool, io: TapIo) {
+    let r = rig(mrg, offloads, io);
     let sock = r.peer_udp(7000);
     let payload = pattern(1200, 1);
     let mut hdr = [0u8; 12];
@@ -326,8 +329,8 @@ fn tx_case(mrg: bool, offloads: bool) {
     assert_eq!(get(&s.packets), if offloads { 2 } else { 1 });
 }
 
-fn rx_udp_case(mrg: bool, offloads: bool) {
-    let r = rig(mrg, offloads);
+fn rx_udp_case(mrg: bool, offloads: bool, io: TapIo) {
+    let r = rig(mrg, offloads, io);
     let sock = r.peer_udp(7001);
     let payload = pattern(1400, 3);
     sock.send_to(&payload, "10.200.0.1:6000")
@@ -391,8 +394,8 @@ fn packet_socket(b: &Netns) -> (OwnedFd, i32) {
     })
 }
 
-fn rx_gso_case(mrg: bool, offloads: bool) {
-    let r = rig(mrg, offloads);
+fn rx_gso_case(mrg: bool, offloads: bool, io: TapIo) {
+    let r = rig(mrg, offloads, io);
     let (fd, ifindex) = packet_socket(&r.b);
     let payload = pattern(10000, 5);
     let mut tcp = vec![0u8; 20];
@@ -475,23 +478,144 @@ fn rx_gso_case(mrg: bool, offloads: bool) {
     assert_eq!((get(&s.drops), get(&s.errors)), (0, 0));
 }
 
+/// Many frames at once, so the io_uring path runs full batches (and the
+/// sync path a long pass): the guest posts `n` TX chains of different
+/// lengths and kicks once; every datagram reaches B intact and in order.
+fn tx_burst_case(io: TapIo) {
+    let r = rig(false, false, io);
+    let sock = r.peer_udp(7003);
+    let m = &r.mem;
+    let n = 120u16;
+    let vq = MockSplitQueue::new(m, 256);
+    let mut descs = Vec::new();
+    let mut payloads = Vec::new();
+    for i in 0..n {
+        let payload = pattern(1 + usize::from(i) * 7, i as u8);
+        let l4 = udp_l4(5003, 7003, &payload, None);
+        let f = ipv4_frame(r.peer_mac, GUEST_MAC, GUEST_IP, PEER_IP, 17, &l4);
+        let at = TXBUF + u64::from(i) * 0x1000;
+        // Header and frame in one buffer, then split over two descriptors
+        // at an odd offset.
+        let mut chain = vec![0u8; 12];
+        chain.extend_from_slice(&f);
+        m.write_slice(&chain, GuestAddress(at)).expect("chain");
+        let cut = 7 + u32::from(i % 20);
+        descs.push(RawDescriptor::from(SplitDescriptor::new(
+            at,
+            cut,
+            1,
+            2 * i + 1,
+        )));
+        descs.push(RawDescriptor::from(SplitDescriptor::new(
+            at + u64::from(cut),
+            chain.len() as u32 - cut,
+            0,
+            0,
+        )));
+        payloads.push(payload);
+    }
+    vq.add_desc_chains(&descs, 0).expect("chains");
+    let mut q: Queue = vq.create_queue().expect("queue");
+    let mut signals = 0;
+    r.dev.tx(0, &mut q, m, &mut || signals += 1).expect("tx");
+    assert_eq!(vq.used().idx().load(), n, "every chain completed");
+    assert!(signals >= 1, "the driver was notified");
+    let mut buf = vec![0u8; 65536];
+    for (i, p) in payloads.iter().enumerate() {
+        let (len, _) = sock.recv_from(&mut buf).expect("datagram in B");
+        assert_eq!(&buf[..len], &p[..], "datagram {i}");
+    }
+    let s = &r.dev.stats[1];
+    assert_eq!((get(&s.errors), get(&s.drops)), (0, 0));
+    assert_eq!(get(&s.packets), u64::from(n));
+}
+
+/// Many frames queued on the tap before the guest's RX queue runs: all of
+/// them land in guest buffers intact, in the order they were sent, each in
+/// one chain with num_buffers 1 (the io_uring path reads batches; with
+/// MRG_RXBUF and buffers that hold a whole frame it stays on that path).
+fn rx_burst_case(mrg: bool, io: TapIo) {
+    let r = rig(mrg, false, io);
+    let sock = r.peer_udp(7004);
+    let n = 100usize;
+    let payloads: Vec<Vec<u8>> = (0..n).map(|i| pattern(1 + i * 13, i as u8)).collect();
+    for p in &payloads {
+        sock.send_to(p, "10.200.0.1:6004").expect("send from B");
+    }
+    let frames = r.guest_receive(|f| {
+        ipv4_of(f, 17)
+            .iter()
+            .filter(|x| x.len() > 12 + 36 && x[12 + 36..12 + 38] == 6004u16.to_be_bytes())
+            .count()
+            >= n
+    });
+    let ours: Vec<&Vec<u8>> = ipv4_of(&frames, 17)
+        .into_iter()
+        .filter(|x| x.len() > 12 + 36 && x[12 + 36..12 + 38] == 6004u16.to_be_bytes())
+        .collect();
+    assert_eq!(ours.len(), n, "every datagram reached the guest");
+    for (i, (f, p)) in ours.iter().zip(&payloads).enumerate() {
+        let frame = &f[12..];
+        assert_eq!(&frame[42..], &p[..], "datagram {i} intact and in order");
+        assert!(l4_csum_ok(frame), "datagram {i} checksum");
+        assert_eq!(u16::from_le_bytes([f[10], f[11]]), 1, "num_buffers");
+    }
+    let s = &r.dev.stats[0];
+    assert_eq!((get(&s.drops), get(&s.errors)), (0, 0));
+}
+
 macro_rules! matrix {
-    ($($name:ident: $f:ident($mrg:expr, $off:expr);)*) => {
-        $(#[test] fn $name() { $f($mrg, $off) })*
+    ($($name:ident: $f:ident($mrg:expr, $off:expr, $io:ident);)*) => {
+        $(#[test] fn $name() { $f($mrg, $off, TapIo::$io) })*
     };
 }
 
 matrix! {
-    tx_offloads_mrg: tx_case(true, true);
-    tx_plain: tx_case(false, false);
-    rx_udp_offloads_mrg: rx_udp_case(true, true);
-    rx_udp_offloads_no_mrg: rx_udp_case(false, true);
-    rx_udp_plain_mrg: rx_udp_case(true, false);
-    rx_udp_plain_no_mrg: rx_udp_case(false, false);
-    rx_tso_mrg: rx_gso_case(true, true);
-    rx_tso_no_mrg: rx_gso_case(false, true);
-    rx_segmented_mrg: rx_gso_case(true, false);
-    rx_segmented_no_mrg: rx_gso_case(false, false);
+    tx_offloads_mrg: tx_case(true, true, Uring);
+    tx_plain: tx_case(false, false, Uring);
+    rx_udp_offloads_mrg: rx_udp_case(true, true, Uring);
+    rx_udp_offloads_no_mrg: rx_udp_case(false, true, Uring);
+    rx_udp_plain_mrg: rx_udp_case(true, false, Uring);
+    rx_udp_plain_no_mrg: rx_udp_case(false, false, Uring);
+    rx_tso_mrg: rx_gso_case(true, true, Uring);
+    rx_tso_no_mrg: rx_gso_case(false, true, Uring);
+    rx_segmented_mrg: rx_gso_case(true, false, Uring);
+    rx_segmented_no_mrg: rx_gso_case(false, false, Uring);
+    tx_offloads_mrg_sync: tx_case(true, true, Sync);
+    tx_plain_sync: tx_case(false, false, Sync);
+    rx_udp_offloads_mrg_sync: rx_udp_case(true, true, Sync);
+    rx_udp_offloads_no_mrg_sync: rx_udp_case(false, true, Sync);
+    rx_udp_plain_mrg_sync: rx_udp_case(true, false, Sync);
+    rx_udp_plain_no_mrg_sync: rx_udp_case(false, false, Sync);
+    rx_tso_mrg_sync: rx_gso_case(true, true, Sync);
+    rx_tso_no_mrg_sync: rx_gso_case(false, true, Sync);
+    rx_segmented_mrg_sync: rx_gso_case(true, false, Sync);
+    rx_segmented_no_mrg_sync: rx_gso_case(false, false, Sync);
+}
+
+#[test]
+fn tx_burst_uring() {
+    tx_burst_case(TapIo::Uring)
+}
+
+#[test]
+fn tx_burst_sync() {
+    tx_burst_case(TapIo::Sync)
+}
+
+#[test]
+fn rx_burst_uring_mrg() {
+    rx_burst_case(true, TapIo::Uring)
+}
+
+#[test]
+fn rx_burst_uring_no_mrg() {
+    rx_burst_case(false, TapIo::Uring)
+}
+
+#[test]
+fn rx_burst_sync() {
+    rx_burst_case(true, TapIo::Sync)
 }
 
 /// Two queue pairs (one tap queue each). While the driver has started only
@@ -500,7 +624,7 @@ matrix! {
 /// over both RX queues, every datagram intact.
 #[test]
 fn two_queue_pairs() {
-    let r = rig_pairs(true, true, 2);
+    let r = rig_pairs(true, true, 2, TapIo::Uring);
     assert_eq!(r.dev.tap().queues(), 2);
     let m = &r.mem;
     let size = 2048u64;
@@ -623,6 +747,8 @@ fn setup_and_link_state_over_netlink() {
         queue_pairs: 2,
         queue_size: 256,
         offloads: Offloads::default(),
+        tap_io: TapIo::default(),
+        poll_us: 50,
         ip: Some(("10.203.0.1".parse().expect("ip"), 24)),
     };
     let dev = a.run(move || vhost_user_net::setup(&cfg).expect("setup"));
@@ -659,6 +785,23 @@ fn setup_and_link_state_over_netlink() {
         flag(&link, "LOWER_UP") && link["operstate"] == "UP",
         "up once the queues started: {link}"
     );
+    // `ctl link down|up`: carrier and the config space's link status
+    // follow; no frontend channel, so nobody to notify.
+    let status = |d: &NetDevice| u16::from_le_bytes([d.config()[6], d.config()[7]]);
+    assert_eq!(status(&dev), VIRTIO_NET_S_LINK_UP as u16);
+    assert!(!dev.set_link(false).expect("link down"), "nobody notified");
+    assert_eq!(status(&dev), 0, "config status without LINK_UP");
+    let link = show(&a);
+    assert!(flag(&link, "NO-CARRIER"), "carrier off while down: {link}");
+    assert!(dev.link_up(), "the driver still runs the queues");
+    // A driver restarting the queues does not bring an administratively
+    // down link up.
+    dev.start();
+    assert!(flag(&show(&a), "NO-CARRIER"));
+    dev.set_link(true).expect("link up");
+    assert_eq!(status(&dev), VIRTIO_NET_S_LINK_UP as u16);
+    let link = show(&a);
+    assert!(flag(&link, "LOWER_UP"), "carrier back: {link}");
     dev.stop();
     let link = show(&a);
     assert!(

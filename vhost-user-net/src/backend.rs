@@ -8,6 +8,7 @@ use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -111,9 +112,25 @@ impl VhostUserBackend for NetBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        self.device.set_config_notifier(Some(Box::new(move || {
+            backend
+                .handle_config_change()
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })));
     }
 
     fn set_event_idx(&self, _enabled: bool) {}
+
+    fn vring_enabled(&self, index: usize, enabled: bool) {
+        if !enabled {
+            self.device.stop_pair(index / 2);
+        }
+    }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let c = self.device.config();

@@ -9,6 +9,7 @@ pub use outboard_common::daemon::{DaemonConfig, Listen};
 use outboard_common::daemon::{DaemonOptions, OptionsError};
 pub use outboard_common::mac::random_mac;
 
+use crate::uring::TapIo;
 use crate::virtio::Offloads;
 
 /// A switch that defaults on.
@@ -105,6 +106,14 @@ pub struct Args {
     /// Notification suppression (RING_EVENT_IDX).
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     pub event_idx: OnOff,
+    /// Tap I/O: uring (batches of reads/writes per system call) or sync (one
+    /// readv/writev per frame).
+    #[arg(long, value_enum, default_value_t = TapIo::default())]
+    pub tap_io: TapIo,
+    /// Largest window a TX queue that ran dry polls its ring before waiting for a kick
+    /// (adaptive; 0: off).
+    #[arg(long, value_name = "US", default_value_t = 50)]
+    pub poll_us: u32,
     /// Host-side address of the tap for a routed setup, e.g. 192.168.100.1.
     #[arg(long, value_name = "ADDR")]
     pub ip: Option<IpAddr>,
@@ -134,6 +143,10 @@ pub struct Config {
     pub queue_size: u16,
     /// Offload switches.
     pub offloads: Offloads,
+    /// Tap I/O mode.
+    pub tap_io: TapIo,
+    /// TX busy-poll window (microseconds).
+    pub poll_us: u32,
     /// Host address and prefix length.
     pub ip: Option<(IpAddr, u8)>,
 }
@@ -237,6 +250,8 @@ impl TryFrom<Args> for Config {
                 mrg_rxbuf: a.mrg_rxbuf.on(),
                 event_idx: a.event_idx.on(),
             },
+            tap_io: a.tap_io,
+            poll_us: a.poll_us,
             ip,
         })
     }
@@ -266,6 +281,22 @@ pub enum Sub {
 pub enum CtlCmd {
     /// Link state, negotiated features and per-queue packet, byte, drop and error counters.
     Stats,
+    /// Set the link administratively down or up (tap carrier and the guest's link status,
+    /// with a config-change notification).
+    Link {
+        /// up or down.
+        #[arg(value_enum)]
+        state: LinkState,
+    },
+}
+
+/// `ctl link` states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LinkState {
+    /// Carrier on.
+    Up,
+    /// Carrier off.
+    Down,
 }
 
 impl CtlCmd {
@@ -273,6 +304,10 @@ impl CtlCmd {
     pub fn request(&self) -> serde_json::Value {
         match self {
             CtlCmd::Stats => serde_json::json!({"cmd": "stats"}),
+            CtlCmd::Link { state } => serde_json::json!({
+                "cmd": "link",
+                "state": if *state == LinkState::Up { "up" } else { "down" },
+            }),
         }
     }
 }

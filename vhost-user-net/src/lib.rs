@@ -30,11 +30,13 @@ pub mod cli;
 pub mod control;
 pub mod device;
 pub mod netlink;
+pub mod poll;
 pub mod rx;
 pub mod server;
 pub mod stats;
 pub mod tap;
 pub mod tx;
+pub mod uring;
 pub mod virtio;
 
 use std::sync::Arc;
@@ -162,6 +164,8 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, Error> {
         queue_size: cfg.queue_size,
         offloads: cfg.offloads,
         tap_ufo: tap.supports_ufo(),
+        tap_io: cfg.tap_io,
+        poll_us: cfg.poll_us,
     };
     let device = Arc::new(NetDevice::new(params, tap)?);
     // Administratively up for good: the carrier says whether a driver runs.

@@ -14,6 +14,10 @@ pub struct QueueStats {
     pub drops: AtomicU64,
     /// Malformed descriptor chains and unexpected tap errors.
     pub errors: AtomicU64,
+    /// RX buffers given back to the guest empty: on the io_uring path, a
+    /// buffer whose read found the tap empty (or got a frame too large for
+    /// it) while a later buffer got a frame, when the pass ends.
+    pub holes: AtomicU64,
 }
 
 impl QueueStats {
@@ -32,6 +36,7 @@ impl QueueStats {
             "bytes": g(&self.bytes),
             "drops": g(&self.drops),
             "errors": g(&self.errors),
+            "holes": g(&self.holes),
         })
     }
 }

@@ -69,6 +69,10 @@ pub struct DeviceParams {
     pub offloads: Offloads,
     /// Whether the tap accepted TUN_F_UFO.
     pub tap_ufo: bool,
+    /// How the engines do tap I/O.
+    pub tap_io: crate::uring::TapIo,
+    /// Largest busy-poll window of the TX engines, in microseconds.
+    pub poll_us: u32,
 }
 
 /// The virtio feature bits the device offers (without the vhost-user bit).
@@ -196,6 +200,8 @@ mod tests {
             queue_size: 256,
             offloads,
             tap_ufo,
+            tap_io: crate::uring::TapIo::default(),
+            poll_us: 0,
         }
     }
 

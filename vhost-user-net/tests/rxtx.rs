@@ -554,3 +554,214 @@ fn bogus_available_index_fails_the_pass_without_spinning() {
         assert_eq!(get(&s.packets), 1);
     }
 }
+
+// The io_uring path of both engines (`--tap-io uring`) on the same fake tap.
+
+fn uring_rx(acked: u64, fd: RawFd) -> Rx {
+    let mut rx = Rx::new(Negotiated::new(v1(acked), MTU), MTU);
+    rx.use_uring(fd).expect("io_uring");
+    assert!(rx.uring());
+    rx
+}
+
+#[test]
+fn uring_tx_writes_a_batch_in_order_and_counts_bad_chains() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, 256);
+    let (dev, test) = fake_tap();
+    let mut n = 0;
+    let mut chains: Vec<Vec<(u64, u32, u16)>> = Vec::new();
+    let mut frames = Vec::new();
+    for i in 0..100u64 {
+        let f = frame(12 + 60 + i as usize * 9, i as u8);
+        let at = BUF + i * 0x1000;
+        m.write_slice(&f, GuestAddress(at)).expect("frame");
+        if i == 50 {
+            // Device-writable on the TX ring: malformed, counted, skipped.
+            chains.push(vec![(at, f.len() as u32, W)]);
+            continue;
+        }
+        if i % 3 == 0 {
+            // Header and frame in one buffer (a plain write).
+            chains.push(vec![(at, f.len() as u32, R)]);
+        } else {
+            // Header split from the frame at an odd offset.
+            chains.push(vec![(at, 5, R), (at + 5, f.len() as u32 - 5, R)]);
+        }
+        frames.push(f);
+    }
+    let refs: Vec<&[(u64, u32, u16)]> = chains.iter().map(|c| c.as_slice()).collect();
+    add_chains(&vq, &mut n, &refs);
+    let mut q: Queue = vq.create_queue().expect("queue");
+    let mut tx = Tx::new(Negotiated::new(v1(0), MTU));
+    tx.use_uring(dev.as_raw_fd()).expect("io_uring");
+    let s = QueueStats::default();
+    let signals = tx_run(&mut tx, &mut q, &m, dev.as_raw_fd(), &s);
+    assert!(tx.uring(), "still on the io_uring path");
+    assert!(signals >= 1);
+    assert_eq!(vq.used().idx().load(), 100, "every chain completed");
+    for (i, f) in frames.iter().enumerate() {
+        assert_eq!(recv(test.as_raw_fd()).as_ref(), Some(f), "frame {i}");
+    }
+    assert_eq!(recv(test.as_raw_fd()), None);
+    assert_eq!((get(&s.packets), get(&s.errors)), (99, 1));
+}
+
+#[test]
+fn uring_rx_reads_batches_in_order_and_gives_back_unused_chains() {
+    for acked in [0, MRG] {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, 256);
+        let (dev, test) = fake_tap();
+        let mut n = 0;
+        let chains: Vec<Vec<(u64, u32, u16)>> = (0..80u64)
+            .map(|i| vec![(BUF + i * 0x1000, 2048, W)])
+            .collect();
+        let refs: Vec<&[(u64, u32, u16)]> = chains.iter().map(|c| c.as_slice()).collect();
+        add_chains(&vq, &mut n, &refs);
+        let frames: Vec<Vec<u8>> = (0..70).map(|i| frame(12 + 60 + i * 17, i as u8)).collect();
+        for f in &frames {
+            send(test.as_raw_fd(), f);
+        }
+        let mut q: Queue = vq.create_queue().expect("queue");
+        let mut rx = uring_rx(acked, dev.as_raw_fd());
+        let s = QueueStats::default();
+        assert_eq!(
+            rx_run(&mut rx, &mut q, &m, dev.as_raw_fd(), &s),
+            RxStop::TapEmpty
+        );
+        assert_eq!(vq.used().idx().load(), 70);
+        assert_eq!(q.next_avail(), 70, "the 10 unused chains went back");
+        for (i, f) in frames.iter().enumerate() {
+            let (id, len) = used(&vq, i);
+            assert_eq!(len as usize, f.len(), "frame {i}");
+            let mut got = vec![0u8; f.len()];
+            m.read_slice(&mut got, GuestAddress(BUF + u64::from(id) * 0x1000))
+                .expect("frame");
+            assert_eq!(&got[12..], &f[12..], "frame {i} bytes");
+            assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
+        }
+        assert_eq!((get(&s.drops), get(&s.errors), get(&s.holes)), (0, 0, 0));
+        // More frames: the chains given back are used next.
+        send(test.as_raw_fd(), &frames[0]);
+        rx_run(&mut rx, &mut q, &m, dev.as_raw_fd(), &s);
+        assert_eq!(vq.used().idx().load(), 71);
+        assert_eq!(used(&vq, 70).0, 70);
+    }
+}
+
+#[test]
+fn uring_rx_runs_out_of_buffers_and_resumes_without_losing_frames() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, 256);
+    let (dev, test) = fake_tap();
+    let mut n = 0;
+    let frames: Vec<Vec<u8>> = (0..50).map(|i| frame(12 + 100 + i, i as u8)).collect();
+    for f in &frames {
+        send(test.as_raw_fd(), f);
+    }
+    let mut q: Queue = vq.create_queue().expect("queue");
+    let mut rx = uring_rx(0, dev.as_raw_fd());
+    let s = QueueStats::default();
+    let mut next = 0u64;
+    let mut post = |vq: &MockSplitQueue<GuestMemoryMmap>, k: u64| {
+        let chains: Vec<Vec<(u64, u32, u16)>> = (next..next + k)
+            .map(|i| vec![(BUF + i * 0x1000, 2048, W)])
+            .collect();
+        next += k;
+        let refs: Vec<&[(u64, u32, u16)]> = chains.iter().map(|c| c.as_slice()).collect();
+        add_chains(vq, &mut n, &refs);
+    };
+    post(&vq, 20);
+    assert_eq!(
+        rx_run(&mut rx, &mut q, &m, dev.as_raw_fd(), &s),
+        RxStop::NoBuffers
+    );
+    assert_eq!(vq.used().idx().load(), 20);
+    post(&vq, 40);
+    assert_eq!(
+        rx_run(&mut rx, &mut q, &m, dev.as_raw_fd(), &s),
+        RxStop::TapEmpty
+    );
+    assert_eq!(vq.used().idx().load(), 50);
+    for (i, f) in frames.iter().enumerate() {
+        let (id, len) = used(&vq, i);
+        assert_eq!(len as usize, f.len());
+        let mut got = vec![0u8; f.len() - 12];
+        m.read_slice(&mut got, GuestAddress(BUF + u64::from(id) * 0x1000 + 12))
+            .expect("frame");
+        assert_eq!(&got[..], &f[12..], "frame {i} in order");
+    }
+    assert_eq!(q.next_avail(), 50);
+}
+
+#[test]
+fn uring_rx_drops_oversized_frames_and_completes_malformed_chains() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, Q);
+    let (dev, test) = fake_tap();
+    let mut n = 0;
+    add_chains(
+        &vq,
+        &mut n,
+        &[
+            &[(BUF, 512, R)],
+            &[(BUF + 0x1000, 512, W)],
+            &[(BUF + 0x2000, 512, W)],
+        ],
+    );
+    let mut q: Queue = vq.create_queue().expect("queue");
+    let mut rx = uring_rx(0, dev.as_raw_fd());
+    let s = QueueStats::default();
+    send(test.as_raw_fd(), &vec![0u8; 12 + 1000]);
+    let small = frame(112, 4);
+    send(test.as_raw_fd(), &small);
+    rx_run(&mut rx, &mut q, &m, dev.as_raw_fd(), &s);
+    assert_eq!(vq.used().idx().load(), 3);
+    assert_eq!(used(&vq, 0), (0, 0), "malformed chain returned empty");
+    assert_eq!(used(&vq, 1), (2, 112), "the next frame, in the next chain");
+    assert_eq!(
+        used(&vq, 2),
+        (1, 0),
+        "the chain of the dropped frame: a hole"
+    );
+    let mut got = vec![0u8; 100];
+    m.read_slice(&mut got, GuestAddress(BUF + 0x2000 + 12))
+        .expect("frame");
+    assert_eq!(&got[..], &small[12..]);
+    assert_eq!(
+        (
+            get(&s.errors),
+            get(&s.drops),
+            get(&s.holes),
+            get(&s.packets)
+        ),
+        (1, 1, 1, 1)
+    );
+}
+
+#[test]
+fn uring_rx_with_small_mergeable_buffers_takes_the_readv_path() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, Q);
+    let (dev, test) = fake_tap();
+    let mut n = 0;
+    add_chains(
+        &vq,
+        &mut n,
+        &[&[(BUF, 1024, W)], &[(BUF + 0x1000, 1024, W)]],
+    );
+    let pkt = frame(12 + 1500, 9);
+    send(test.as_raw_fd(), &pkt);
+    let mut q: Queue = vq.create_queue().expect("queue");
+    let mut rx = uring_rx(MRG, dev.as_raw_fd());
+    let s = QueueStats::default();
+    rx_run(&mut rx, &mut q, &m, dev.as_raw_fd(), &s);
+    assert_eq!(vq.used().idx().load(), 2, "one frame over two chains");
+    assert_eq!(used(&vq, 0), (0, 1024));
+    assert_eq!(used(&vq, 1), (1, 488));
+    let mut got = vec![0u8; 2];
+    m.read_slice(&mut got, GuestAddress(BUF + 10)).expect("hdr");
+    assert_eq!(u16::from_le_bytes([got[0], got[1]]), 2, "num_buffers");
+    assert_eq!((get(&s.drops), get(&s.errors)), (0, 0));
+}

@@ -68,6 +68,11 @@ pub trait VhostUserBackend: Send + Sync {
     /// Enable or disable the virtio EVENT_IDX feature
     fn set_event_idx(&self, enabled: bool);
 
+    /// The frontend enabled or disabled vring `index` (SET_VRING_ENABLE).
+    /// Outboard patch: lets a backend follow the change at once (a net
+    /// backend detaches the tap queue of a disabled queue pair).
+    fn vring_enabled(&self, _index: usize, _enabled: bool) {}
+
     /// Get virtio device configuration.
     ///
     /// A default implementation is provided as we cannot expect all backends to implement this
@@ -249,6 +254,10 @@ pub trait VhostUserBackendMut: Send + Sync {
 
     /// Enable or disable the virtio EVENT_IDX feature
     fn set_event_idx(&mut self, enabled: bool);
+
+    /// The frontend enabled or disabled vring `index` (SET_VRING_ENABLE).
+    /// Outboard patch, see [`VhostUserBackend::vring_enabled`].
+    fn vring_enabled(&mut self, _index: usize, _enabled: bool) {}
 
     /// Get virtio device configuration.
     ///
@@ -434,6 +443,10 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
         self.deref().set_event_idx(enabled)
     }
 
+    fn vring_enabled(&self, index: usize, enabled: bool) {
+        self.deref().vring_enabled(index, enabled)
+    }
+
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         self.deref().get_config(offset, size)
     }
@@ -537,6 +550,10 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
 
     fn set_event_idx(&self, enabled: bool) {
         self.lock().unwrap().set_event_idx(enabled)
+    }
+
+    fn vring_enabled(&self, index: usize, enabled: bool) {
+        self.lock().unwrap().vring_enabled(index, enabled)
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -645,6 +662,10 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
 
     fn set_event_idx(&self, enabled: bool) {
         self.write().unwrap().set_event_idx(enabled)
+    }
+
+    fn vring_enabled(&self, index: usize, enabled: bool) {
+        self.write().unwrap().vring_enabled(index, enabled)
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {

@@ -640,6 +640,8 @@ where
         // with parameter 0.
         vring.set_enabled(enable);
         self.update_vring_registration(vring, index as u8)?;
+        // Outboard patch: tell the backend (see `VhostUserBackend::vring_enabled`).
+        self.backend.vring_enabled(index as usize, enable);
 
         Ok(())
     }
