@@ -7,6 +7,8 @@
 //! smoke test run the same code. [`blkio_client`] is the libblkio
 //! (vhost-user-blk frontend) client and block conformance suite. A test that
 //! cannot run here says so through [`skip`], which CI counts and prints.
+//! [`raw_frontend`] is a minimal vhost-user frontend of raw messages for
+//! tests that play a broken or hostile guest against a running daemon.
 
 pub mod blkio_client;
 pub mod fuzz_blk;
@@ -14,6 +16,7 @@ pub mod fuzz_body;
 pub mod guest;
 pub mod netd;
 pub mod netns;
+pub mod raw_frontend;
 pub mod skip;
 pub mod testpmd;
 
