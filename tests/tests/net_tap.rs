@@ -71,6 +71,7 @@ fn rig_pairs(mrg: bool, offloads: bool, pairs: u16, io: TapIo) -> Rig {
         daemon: DaemonConfig {
             listen: Listen::Fd(-1),
             control_socket: None,
+            metrics: Vec::new(),
             seccomp: "off".parse().expect("mode"),
             user: None,
             socket_mode: None,
@@ -735,6 +736,7 @@ fn setup_and_link_state_over_netlink() {
         daemon: DaemonConfig {
             listen: Listen::Fd(-1),
             control_socket: None,
+            metrics: Vec::new(),
             seccomp: "off".parse().expect("mode"),
             user: None,
             socket_mode: None,

@@ -102,9 +102,16 @@ pub fn op_done<M: GuestMemoryBackend>(
         Err(e) => Err(e),
     };
     match p.kind {
+        RequestType::In => QueueStats::add(&stats.reads, 1),
+        RequestType::Out => QueueStats::add(&stats.writes, 1),
+        RequestType::Flush => QueueStats::add(&stats.flushes, 1),
+        RequestType::Discard => QueueStats::add(&stats.discards, 1),
+        RequestType::WriteZeroes => QueueStats::add(&stats.write_zeroes, 1),
+        _ => {}
+    }
+    match p.kind {
         RequestType::In if result.is_ok() => QueueStats::add(&stats.read_bytes, p.expected),
         RequestType::Out if result.is_ok() => QueueStats::add(&stats.write_bytes, p.expected),
-        RequestType::Flush => QueueStats::add(&stats.flushes, 1),
         _ => {}
     }
     let done = match result {

@@ -280,6 +280,7 @@ impl QueueEngine {
                 heads.len()
             );
         }
+        QueueStats::add(&ctx.stats.resubmitted, heads.len() as u64);
         self.resubmit = heads;
         self.resubmit.reverse();
         Ok(())

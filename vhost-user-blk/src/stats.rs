@@ -1,6 +1,9 @@
 //! Per-queue counters (atomics: the data path counts, it does not log).
 
+use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use outboard_common::metrics::family;
 
 /// Counters of one queue.
 #[derive(Debug, Default)]
@@ -13,6 +16,17 @@ pub struct QueueStats {
     pub write_bytes: AtomicU64,
     /// Flushes completed.
     pub flushes: AtomicU64,
+    /// Reads completed (successful or not; `requests` counts every op).
+    pub reads: AtomicU64,
+    /// Writes completed (successful or not).
+    pub writes: AtomicU64,
+    /// Discards completed (successful or not).
+    pub discards: AtomicU64,
+    /// Write-zeroes completed (successful or not).
+    pub write_zeroes: AtomicU64,
+    /// Requests resubmitted after a restart (found in flight in the
+    /// inflight region at reconnect).
+    pub resubmitted: AtomicU64,
     /// Requests completed with IOERR.
     pub io_errors: AtomicU64,
     /// Requests completed with UNSUPP.
@@ -49,6 +63,11 @@ impl QueueStats {
             "read_bytes": g(&self.read_bytes),
             "write_bytes": g(&self.write_bytes),
             "flushes": g(&self.flushes),
+            "reads": g(&self.reads),
+            "writes": g(&self.writes),
+            "discards": g(&self.discards),
+            "write_zeroes": g(&self.write_zeroes),
+            "resubmitted": g(&self.resubmitted),
             "io_errors": g(&self.io_errors),
             "unsupported": g(&self.unsupported),
             "malformed": g(&self.malformed),
@@ -58,5 +77,131 @@ impl QueueStats {
             "err_malformed": g(&self.err_malformed),
             "ring_errors": g(&self.ring_errors),
         })
+    }
+}
+
+/// Appends every queue's counters in the Prometheus text format (see
+/// README "Metrics" for the names).
+pub fn render(queues: &[QueueStats], out: &mut String) {
+    let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    family(
+        out,
+        "outboard_blk_requests_total",
+        "counter",
+        "Requests completed, by queue and operation (other: completed without a disk operation: get-id, unsupported, refused).",
+    );
+    for (i, s) in queues.iter().enumerate() {
+        let (r, w, f, d, z) = (
+            g(&s.reads),
+            g(&s.writes),
+            g(&s.flushes),
+            g(&s.discards),
+            g(&s.write_zeroes),
+        );
+        // `requests` is counted after the per-op counter: clamp, never wrap.
+        let other = g(&s.requests).saturating_sub(r + w + f + d + z);
+        for (op, v) in [
+            ("read", r),
+            ("write", w),
+            ("flush", f),
+            ("discard", d),
+            ("write_zeroes", z),
+            ("other", other),
+        ] {
+            let _ = writeln!(
+                out,
+                "outboard_blk_requests_total{{queue=\"{i}\",op=\"{op}\"}} {v}"
+            );
+        }
+    }
+    family(
+        out,
+        "outboard_blk_bytes_total",
+        "counter",
+        "Bytes transferred by successful reads and writes, by queue and operation.",
+    );
+    for (i, s) in queues.iter().enumerate() {
+        for (op, v) in [("read", g(&s.read_bytes)), ("write", g(&s.write_bytes))] {
+            let _ = writeln!(
+                out,
+                "outboard_blk_bytes_total{{queue=\"{i}\",op=\"{op}\"}} {v}"
+            );
+        }
+    }
+    family(
+        out,
+        "outboard_blk_errors_total",
+        "counter",
+        "Failed requests by queue and kind (each failure counts once).",
+    );
+    for (i, s) in queues.iter().enumerate() {
+        for (kind, v) in [
+            ("io", g(&s.err_io)),
+            ("no_space", g(&s.err_no_space)),
+            ("corrupt", g(&s.err_corrupt)),
+            ("malformed", g(&s.err_malformed)),
+        ] {
+            let _ = writeln!(
+                out,
+                "outboard_blk_errors_total{{queue=\"{i}\",kind=\"{kind}\"}} {v}"
+            );
+        }
+    }
+    let per_queue = |out: &mut String, name: &str, help: &str, c: fn(&QueueStats) -> &AtomicU64| {
+        family(out, name, "counter", help);
+        for (i, s) in queues.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{queue=\"{i}\"}} {}", g(c(s)));
+        }
+    };
+    per_queue(
+        out,
+        "outboard_blk_status_errors_total",
+        "Requests completed with status IOERR.",
+        |s| &s.io_errors,
+    );
+    per_queue(
+        out,
+        "outboard_blk_unsupported_total",
+        "Requests completed with status UNSUPP.",
+        |s| &s.unsupported,
+    );
+    per_queue(
+        out,
+        "outboard_blk_malformed_chains_total",
+        "Descriptor chains that were not valid requests.",
+        |s| &s.malformed,
+    );
+    per_queue(
+        out,
+        "outboard_blk_ring_errors_total",
+        "Times the ring itself was found broken (the queue stops until the next kick).",
+        |s| &s.ring_errors,
+    );
+    per_queue(
+        out,
+        "outboard_blk_resubmitted_total",
+        "Requests resubmitted after a restart (left in flight by a previous instance).",
+        |s| &s.resubmitted,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_counts() {
+        let q = [QueueStats::default(), QueueStats::default()];
+        QueueStats::add(&q[1].reads, 3);
+        QueueStats::add(&q[1].requests, 4);
+        QueueStats::add(&q[1].read_bytes, 12288);
+        QueueStats::add(&q[0].err_no_space, 1);
+        let mut out = String::new();
+        render(&q, &mut out);
+        assert!(out.contains("outboard_blk_requests_total{queue=\"1\",op=\"read\"} 3\n"));
+        assert!(out.contains("outboard_blk_requests_total{queue=\"1\",op=\"other\"} 1\n"));
+        assert!(out.contains("outboard_blk_bytes_total{queue=\"1\",op=\"read\"} 12288\n"));
+        assert!(out.contains("outboard_blk_errors_total{queue=\"0\",kind=\"no_space\"} 1\n"));
+        assert!(out.contains("# TYPE outboard_blk_resubmitted_total counter\n"));
     }
 }

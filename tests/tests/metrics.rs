@@ -1,0 +1,302 @@
+//! The Prometheus endpoint (`--metrics`, issue 11 part 2): vhost-user-blk
+//! serves it on a unix socket and a loopback TCP port at once; after a
+//! known workload (N writes, M reads, one flush of known sizes through
+//! libblkio) both scrapes show exactly those counts and bytes, the text
+//! passes `promtool check metrics`, and other paths are 404. Run under the
+//! seccomp filter in its default errno mode and in kill mode (a system call
+//! the endpoint needs and the filter lacks would kill the daemon). A
+//! non-loopback address is refused at start-up.
+//!
+//! vhost-user-net: the same endpoint is checked with promtool and the
+//! family names, without a workload (that needs a tap; see net_dpdk.rs).
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use outboard_tests::blkio_client::{
+    create_image, ours_command, ClientOptions, Daemon, DaemonConfig, Format,
+};
+use outboard_tests::skip::{skip, Missing};
+
+const WRITES: u64 = 5;
+const WRITE_LEN: u64 = 12288;
+const READS: u64 = 7;
+const READ_LEN: u64 = 8192;
+
+/// `promtool` if installed (scripts/test.sh installs Debian's prometheus).
+fn promtool() -> Option<&'static str> {
+    Command::new("promtool")
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|_| "promtool")
+}
+
+/// A free loopback port: bind port 0, note it, let it go.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Sends `request` over `s` and returns the whole answer (the server
+/// closes after one).
+fn exchange(mut s: impl Read + Write, request: &str) -> String {
+    s.write_all(request.as_bytes()).expect("send request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read answer");
+    out
+}
+
+fn get_unix(sock: &Path, path: &str) -> String {
+    let s = std::os::unix::net::UnixStream::connect(sock).expect("connect metrics socket");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    exchange(s, &format!("GET {path} HTTP/1.0\r\n\r\n"))
+}
+
+fn get_tcp(port: u16, path: &str) -> String {
+    let s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics port");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    exchange(
+        s,
+        &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: test\r\n\r\n"),
+    )
+}
+
+/// The body of a 200 answer with the exposition content type.
+fn body(answer: &str) -> &str {
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {answer:?}"));
+    assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
+    assert!(
+        head.contains("\r\nContent-Type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    body
+}
+
+/// The value of the sample `series` (name and labels exactly as printed).
+fn sample(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("{series}: {e}"))
+}
+
+fn promtool_check(tool: &str, text: &str) {
+    let mut child = Command::new(tool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start promtool");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed ({}):\n{}{}\non:\n{text}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn blk_workload(seccomp: &str) {
+    let Some(tool) = promtool() else {
+        return skip(
+            Missing::Installed,
+            "promtool (Debian package prometheus) is not installed",
+        );
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.raw");
+    create_image(&image, Format::Raw, 8 << 20);
+    let cfg = DaemonConfig {
+        image,
+        format: Format::Raw,
+        socket: dir.path().join("vhost.sock"),
+        num_queues: 1,
+        direct: false,
+    };
+    let msock = dir.path().join("metrics.sock");
+    let port = free_port();
+    let mut cmd = ours_command(&outboard_tests::workspace_binary("vhost-user-blk"), &cfg);
+    cmd.arg("--seccomp")
+        .arg(seccomp)
+        .arg("--metrics")
+        .arg(format!("unix:{}", msock.display()))
+        .arg("--metrics")
+        .arg(format!("127.0.0.1:{port}"));
+    let mut daemon = Daemon::spawn("vhost-user-blk", cmd, &cfg.socket, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The prologue binds the vhost-user socket first, then the endpoint.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !msock.exists() {
+        assert!(
+            daemon.is_running() && std::time::Instant::now() < deadline,
+            "no metrics socket:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    // Before any I/O: all zero, and valid.
+    let before = get_unix(&msock, "/metrics");
+    let text = body(&before);
+    promtool_check(tool, text);
+    assert_eq!(
+        sample(text, r#"outboard_blk_requests_total{queue="0",op="write"}"#),
+        0
+    );
+
+    let mut c = daemon
+        .connect(&ClientOptions::queues(1))
+        .unwrap_or_else(|e| panic!("connect: {e}\n{}", daemon.log_text()));
+    for i in 0..WRITES {
+        let data = vec![i as u8 + 1; WRITE_LEN as usize];
+        c.write(i * WRITE_LEN, &data).expect("write");
+    }
+    for i in 0..READS {
+        c.read(i * READ_LEN, READ_LEN as usize).expect("read");
+    }
+    c.flush().expect("flush");
+
+    for answer in [get_unix(&msock, "/metrics"), get_tcp(port, "/metrics")] {
+        let text = body(&answer);
+        promtool_check(tool, text);
+        let q = |name: &str, labels: &str| sample(text, &format!("{name}{{queue=\"0\",{labels}}}"));
+        assert_eq!(q("outboard_blk_requests_total", r#"op="write""#), WRITES);
+        assert_eq!(q("outboard_blk_requests_total", r#"op="read""#), READS);
+        assert_eq!(q("outboard_blk_requests_total", r#"op="flush""#), 1);
+        assert_eq!(q("outboard_blk_requests_total", r#"op="discard""#), 0);
+        assert_eq!(q("outboard_blk_requests_total", r#"op="write_zeroes""#), 0);
+        // libblkio sends nothing else (no get-id): nothing outside the workload.
+        assert_eq!(q("outboard_blk_requests_total", r#"op="other""#), 0);
+        assert_eq!(
+            q("outboard_blk_bytes_total", r#"op="write""#),
+            WRITES * WRITE_LEN
+        );
+        assert_eq!(
+            q("outboard_blk_bytes_total", r#"op="read""#),
+            READS * READ_LEN
+        );
+        for kind in ["io", "no_space", "corrupt", "malformed"] {
+            assert_eq!(
+                q("outboard_blk_errors_total", &format!("kind=\"{kind}\"")),
+                0,
+                "{kind}"
+            );
+        }
+        for name in [
+            "outboard_blk_ring_errors_total",
+            "outboard_blk_resubmitted_total",
+            "outboard_blk_status_errors_total",
+        ] {
+            assert_eq!(sample(text, &format!("{name}{{queue=\"0\"}}")), 0, "{name}");
+            assert!(text.contains(&format!("# TYPE {name} counter\n")), "{name}");
+        }
+    }
+
+    assert!(get_unix(&msock, "/").starts_with("HTTP/1.0 404 "));
+    assert!(get_tcp(port, "/metricsx").starts_with("HTTP/1.0 404 "));
+    // A client that sends nothing and one that sends garbage do not stop
+    // the endpoint.
+    let idle = std::os::unix::net::UnixStream::connect(&msock).expect("idle client");
+    assert!(get_unix(&msock, "/nope").starts_with("HTTP/1.0 404 "));
+    let bad = exchange(
+        std::os::unix::net::UnixStream::connect(&msock).expect("connect"),
+        "\x01\x02 nonsense\r\n\r\n",
+    );
+    assert!(bad.starts_with("HTTP/1.0 400 "), "{bad}");
+    drop(idle);
+    // I/O still works and is still counted.
+    c.write(0, &[9u8; 4096]).expect("write after scrapes");
+    let text = get_tcp(port, "/metrics");
+    assert_eq!(
+        sample(
+            body(&text),
+            r#"outboard_blk_requests_total{queue="0",op="write"}"#
+        ),
+        WRITES + 1
+    );
+    drop(c);
+    // The scrapes above ran under the filter (it is on once I/O is served).
+    let pid = daemon.pid().expect("pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
+        "seccomp filter not on:\n{status}"
+    );
+    assert!(
+        daemon.is_running(),
+        "daemon died (seccomp {seccomp}):\n{}",
+        daemon.log_text()
+    );
+    daemon.stop();
+}
+
+#[test]
+fn blk_counts_a_known_workload_seccomp_errno() {
+    blk_workload("errno");
+}
+
+#[test]
+fn blk_counts_a_known_workload_seccomp_kill() {
+    blk_workload("kill");
+}
+
+#[test]
+fn non_loopback_address_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(outboard_tests::workspace_binary("vhost-user-blk"))
+        .arg("--socket-path")
+        .arg(dir.path().join("s.sock"))
+        .arg("--blk-file")
+        .arg(dir.path().join("none.raw"))
+        .args(["--metrics", "0.0.0.0:9100"])
+        .output()
+        .expect("run vhost-user-blk");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("loopback"), "{err}");
+}
+
+#[test]
+fn net_metrics_pass_promtool() {
+    let Some(tool) = promtool() else {
+        return skip(
+            Missing::Installed,
+            "promtool (Debian package prometheus) is not installed",
+        );
+    };
+    let mut out = String::new();
+    let queues: Vec<vhost_user_net::stats::QueueStats> =
+        (0..4).map(|_| Default::default()).collect();
+    vhost_user_net::stats::QueueStats::add(&queues[1].packets, 3);
+    vhost_user_net::stats::render(&queues, &mut out);
+    promtool_check(tool, &out);
+    assert!(out.contains("outboard_net_packets_total{queue=\"1\",pair=\"0\",direction=\"tx\"} 3\n"));
+    for name in [
+        "outboard_net_packets_total",
+        "outboard_net_bytes_total",
+        "outboard_net_drops_total",
+        "outboard_net_errors_total",
+        "outboard_net_rx_holes_total",
+    ] {
+        assert!(out.contains(&format!("# TYPE {name} counter\n")), "{name}");
+    }
+}
