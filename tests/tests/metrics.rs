@@ -1,7 +1,8 @@
 //! The Prometheus endpoint (`--metrics`, issue 11 part 2): vhost-user-blk
 //! serves it on a unix socket and a loopback TCP port at once; after a
 //! known workload (N writes, M reads, one flush of known sizes through
-//! libblkio) both scrapes show exactly those counts and bytes, the text
+//! libblkio) both scrapes show exactly those counts and bytes (and as many
+//! latency observations, nothing in flight), the text
 //! passes `promtool check metrics`, and other paths are 404. Run under the
 //! seccomp filter in its default errno mode and in kill mode (a system call
 //! the endpoint needs and the filter lacks would kill the daemon). A
@@ -199,6 +200,44 @@ fn blk_workload(seccomp: &str) {
                 "{kind}"
             );
         }
+        // Latency histograms: one observation per disk operation, the
+        // buckets cumulative up to +Inf = _count.
+        for (op, n) in [
+            ("read", READS),
+            ("write", WRITES),
+            ("flush", 1),
+            ("discard", 0),
+        ] {
+            let labels = format!("queue=\"0\",op=\"{op}\"");
+            let count = sample(
+                text,
+                &format!("outboard_blk_request_duration_seconds_count{{{labels}}}"),
+            );
+            assert_eq!(count, n, "{op}");
+            let buckets: Vec<u64> = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with(&format!(
+                        "outboard_blk_request_duration_seconds_bucket{{{labels},"
+                    ))
+                })
+                .map(|l| {
+                    l.rsplit(' ')
+                        .next()
+                        .and_then(|v| v.parse().ok())
+                        .expect("value")
+                })
+                .collect();
+            assert_eq!(buckets.len(), 14, "{op}");
+            assert!(
+                buckets.windows(2).all(|w| w[0] <= w[1]),
+                "{op}: {buckets:?}"
+            );
+            assert_eq!(buckets.last(), Some(&n), "{op}");
+        }
+        assert_eq!(sample(text, r#"outboard_blk_in_flight{queue="0"}"#), 0);
+        assert!(text.contains("# TYPE outboard_blk_in_flight gauge\n"));
+        assert!(text.contains("# TYPE outboard_blk_request_duration_seconds histogram\n"));
         for name in [
             "outboard_blk_ring_errors_total",
             "outboard_blk_resubmitted_total",

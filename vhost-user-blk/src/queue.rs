@@ -415,6 +415,10 @@ impl QueueEngine {
                         Admit::Go => match self.start(ctx, head, &req, tag) {
                             Ok(Started::Queued) => {
                                 self.free.pop();
+                                ctx.stats.in_flight.store(
+                                    (self.slots.len() - self.free.len()) as u64,
+                                    Ordering::Relaxed,
+                                );
                                 // What already finished (a synchronous
                                 // backend completes at submission) goes
                                 // back at once, as before the trait: the
@@ -555,6 +559,8 @@ impl QueueEngine {
                 used_len,
                 expected,
             } => {
+                // Before submitting: a synchronous backend does the work there.
+                let started = Instant::now();
                 self.disk.submit(tag, op).map_err(RequestError::Disk)?;
                 self.slots[tag] = Pending {
                     head,
@@ -562,6 +568,7 @@ impl QueueEngine {
                     used_len,
                     expected,
                     kind: req.ty,
+                    started,
                 };
                 Ok(Started::Queued)
             }
@@ -593,6 +600,9 @@ impl QueueEngine {
                 }
             }
         });
+        ctx.stats
+            .in_flight
+            .store((slots.len() - free.len()) as u64, Ordering::Relaxed);
         match first_err {
             Some(e) => Err(e),
             None => Ok(n),
