@@ -372,7 +372,6 @@ fn net_daemon_serves_metrics() {
         for (family, key) in [
             ("outboard_net_packets_total", "packets"),
             ("outboard_net_bytes_total", "bytes"),
-            ("outboard_net_drops_total", "drops"),
             ("outboard_net_errors_total", "errors"),
             ("outboard_net_rx_holes_total", "holes"),
         ] {
@@ -395,6 +394,31 @@ fn net_daemon_serves_metrics() {
                     "{family} {q}"
                 );
             }
+        }
+        // Drops by reason: each matches its ctl stats counter, and they add up.
+        assert!(text.contains("# TYPE outboard_net_drops_total counter\n"));
+        for q in 0..4u64 {
+            let dir = if q % 2 == 0 { "rx" } else { "tx" };
+            let mut sum = 0;
+            for reason in ["too_large", "runt", "tap_full", "tap_down"] {
+                let series = format!(
+                    "outboard_net_drops_total{{queue=\"{q}\",pair=\"{}\",direction=\"{dir}\",\
+                     reason=\"{reason}\"}}",
+                    q / 2
+                );
+                let v = sample(text, &series);
+                assert_eq!(
+                    Some(v),
+                    stats["queues"][q as usize][format!("drop_{reason}")].as_u64(),
+                    "{series}"
+                );
+                sum += v;
+            }
+            assert_eq!(
+                Some(sum),
+                stats["queues"][q as usize]["drops"].as_u64(),
+                "{q}"
+            );
         }
     }
     let mut d = d;
@@ -421,7 +445,6 @@ fn net_metrics_pass_promtool() {
     for name in [
         "outboard_net_packets_total",
         "outboard_net_bytes_total",
-        "outboard_net_drops_total",
         "outboard_net_errors_total",
         "outboard_net_rx_holes_total",
     ] {
