@@ -3,7 +3,8 @@
 //! known workload (N writes, M reads, one flush of known sizes through
 //! libblkio) both scrapes show exactly those counts and bytes (and as many
 //! latency observations, nothing in flight), the text
-//! passes `promtool check metrics`, and other paths are 404. Run under the
+//! passes `promtool check metrics`, other paths are 404, garbage is 400 and
+//! an idle client is cut off after 5 s (kill mode). Run under the
 //! seccomp filter in its default errno mode and in kill mode (a system call
 //! the endpoint needs and the filter lacks would kill the daemon). A
 //! non-loopback address is refused at start-up.
@@ -262,7 +263,24 @@ fn blk_workload(seccomp: &str) {
         "\x01\x02 nonsense\r\n\r\n",
     );
     assert!(bad.starts_with("HTTP/1.0 400 "), "{bad}");
-    drop(idle);
+    if seccomp == "kill" {
+        // The idle client is cut off after the endpoint's 5 s (its timer
+        // firing under the filter too), without an answer.
+        let t0 = std::time::Instant::now();
+        let mut idle = idle;
+        idle.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut rest = Vec::new();
+        idle.read_to_end(&mut rest).expect("closed by the endpoint");
+        let waited = t0.elapsed();
+        assert!(rest.is_empty(), "{rest:?}");
+        assert!(
+            waited >= Duration::from_secs(3) && waited < Duration::from_secs(15),
+            "idle client closed after {waited:?}"
+        );
+    } else {
+        drop(idle);
+    }
     // I/O still works and is still counted.
     c.write(0, &[9u8; 4096]).expect("write after scrapes");
     let text = get_tcp(port, "/metrics");
