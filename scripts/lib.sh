@@ -15,9 +15,10 @@
 #   debootstrap, debian-archive-keyring, wget: scripts/guest/build-debian.sh makes the main
 #     job's Debian 12 base image (debootstrap --variant=minbase, signatures checked against
 #     the keyring; wget probes the mirror first, for a clear message when it is unreachable)
+#   prometheus: promtool validates the daemons' --metrics text (tests/tests/metrics.rs)
 # shellcheck disable=SC2034 # used by the scripts that source this file
 OUTBOARD_APT_PACKAGES=(qemu-utils gcc libc6-dev qemu-system-x86 cpio e2fsprogs iproute2 dpdk-dev
-    debootstrap debian-archive-keyring wget)
+    debootstrap debian-archive-keyring wget prometheus)
 
 # Commands the tests and the main job run, each as "COMMAND|PACKAGE|ARGS": checked by
 # running `COMMAND ARGS` (exit 0 required) after the install step, so a package that is
@@ -49,6 +50,7 @@ OUTBOARD_COMMANDS=(
     "setpriv|util-linux|--version"
     "unshare|util-linux|--version"
     "truncate|coreutils|--version"
+    "promtool|prometheus|--version"
 )
 
 log() { printf '==> %s\n' "$*" >&2; }

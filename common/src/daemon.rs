@@ -4,6 +4,8 @@
 //!
 //! 1. bind `--socket-path` (replacing a stale socket file) or take over `--fd`;
 //! 2. serve `--control-socket` on its own thread with the daemon's handler;
+//!    and `--metrics` (Prometheus text, on its own thread) with the
+//!    daemon's render closure;
 //! 3. start the signal thread (SIGTERM/SIGINT: the daemon's clean-up, then
 //!    the socket file is removed and the process exits);
 //! 4. apply `--socket-mode` to the socket file;
@@ -20,6 +22,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use crate::control::ControlError;
+use crate::metrics::{MetricsError, MetricsListen};
 use crate::sandbox::{self, SandboxError, SeccompMode};
 use crate::server::{self, ServeError};
 
@@ -39,6 +42,10 @@ pub struct DaemonOptions {
     /// Control socket (JSON lines, see the ctl subcommand), e.g. /run/vm0-ctl.sock.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics (HTTP GET /metrics) on unix:PATH or a
+    /// loopback IP:PORT (port 0: any free port, logged); repeatable.
+    #[arg(long, value_name = "unix:PATH|IP:PORT", value_parser = crate::metrics::parse_listen)]
+    pub metrics: Vec<MetricsListen>,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, default_value = "info")]
     pub log_level: log::LevelFilter,
@@ -78,6 +85,8 @@ pub struct DaemonConfig {
     pub listen: Listen,
     /// Control socket.
     pub control_socket: Option<PathBuf>,
+    /// Metrics endpoints.
+    pub metrics: Vec<MetricsListen>,
     /// Seccomp mode.
     pub seccomp: SeccompMode,
     /// Unprivileged user to switch to.
@@ -106,6 +115,7 @@ impl TryFrom<DaemonOptions> for DaemonConfig {
         Ok(DaemonConfig {
             listen,
             control_socket: o.control_socket,
+            metrics: o.metrics,
             seccomp: o.seccomp,
             user: o.user,
             socket_mode: o.socket_mode,
@@ -122,6 +132,9 @@ pub enum DaemonError {
     /// The control socket could not be set up.
     #[error("control socket")]
     Control(#[source] ControlError),
+    /// The metrics endpoint could not be set up.
+    #[error("metrics endpoint")]
+    Metrics(#[source] MetricsError),
     /// Signal handling could not be set up.
     #[error("signal handling")]
     Signals(#[source] std::io::Error),
@@ -135,9 +148,12 @@ pub enum DaemonError {
 
 /// What a daemon plugs into [`run`].
 #[derive(Debug)]
-pub struct Hooks<C, T, S> {
+pub struct Hooks<C, M, T, S> {
     /// Answers one control-socket request (used with `--control-socket`).
     pub control: C,
+    /// Appends the daemon's metrics in the Prometheus text format (used
+    /// with `--metrics`, once per scrape, on the metrics thread).
+    pub metrics: M,
     /// Runs on the signal thread at SIGTERM/SIGINT (given the signal) and
     /// returns the exit code; the socket file is removed after it.
     pub on_signal: T,
@@ -152,9 +168,10 @@ pub struct Hooks<C, T, S> {
 }
 
 /// The prologue (see the [module](self)), then `hooks.serve`.
-pub fn run<C, T, S>(cfg: &DaemonConfig, hooks: Hooks<C, T, S>) -> Result<(), DaemonError>
+pub fn run<C, M, T, S>(cfg: &DaemonConfig, hooks: Hooks<C, M, T, S>) -> Result<(), DaemonError>
 where
     C: Fn(&Value) -> Value + Send + Sync + 'static,
+    M: Fn(&mut String) + Send + Sync + 'static,
     T: FnOnce(i32) -> i32 + Send + 'static,
     S: FnOnce(UnixListener) -> Result<(), ServeError>,
 {
@@ -165,6 +182,11 @@ where
     if let Some(path) = &cfg.control_socket {
         crate::control::spawn(path, hooks.control).map_err(DaemonError::Control)?;
         log::info!("control socket on {}", path.display());
+    }
+    if !cfg.metrics.is_empty() {
+        let names =
+            crate::metrics::spawn(&cfg.metrics, hooks.metrics).map_err(DaemonError::Metrics)?;
+        log::info!("metrics on {}", names.join(", "));
     }
     spawn_signal_thread(owned_path.clone(), hooks.on_signal).map_err(DaemonError::Signals)?;
     if let (Some(mode), Some(p)) = (cfg.socket_mode, &owned_path) {
@@ -289,6 +311,18 @@ mod tests {
         ));
         assert!(parse(&["--socket-path", "/s", "--fd", "3"]).is_err());
         assert!(parse(&["--socket-mode", "0999"]).is_err());
+
+        let o = parse(&[
+            "--fd",
+            "3",
+            "--metrics",
+            "unix:/m",
+            "--metrics",
+            "127.0.0.1:0",
+        ])
+        .expect("parse");
+        assert_eq!(o.metrics.len(), 2);
+        assert!(parse(&["--fd", "3", "--metrics", "0.0.0.0:9100"]).is_err());
     }
 
     #[test]

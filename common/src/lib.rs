@@ -17,6 +17,8 @@
 //!   the `ctl` control-socket client.
 //! - [`control`]: the JSON-lines control-socket server (tokio); each
 //!   daemon supplies its request handler.
+//! - [`metrics`]: the Prometheus endpoint (`--metrics`), a minimal
+//!   HTTP/1.0 responder; each daemon supplies the text.
 //! - [`sandbox`]: the seccomp filter and dropping root (`--seccomp`, `--user`).
 
 pub mod mac;
@@ -28,6 +30,8 @@ pub mod cli;
 pub mod control;
 #[cfg(feature = "daemon")]
 pub mod daemon;
+#[cfg(feature = "daemon")]
+pub mod metrics;
 #[cfg(feature = "daemon")]
 pub mod sandbox;
 #[cfg(feature = "daemon")]

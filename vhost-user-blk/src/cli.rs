@@ -43,6 +43,8 @@ pub enum CacheArg {
         -device vhost-user-blk-pci,chardev=c0,num-queues=4\n\n\
         The daemon listens on the socket, serves one frontend at a time, and listens again when \
         it disconnects. SIGTERM finishes in-flight requests, flushes and exits.\n\n\
+        Prometheus metrics: --metrics unix:/run/vm0-metrics.sock and/or --metrics \
+        127.0.0.1:9101 (loopback only), then curl http://127.0.0.1:9101/metrics\n\n\
         Control a running daemon: vhost-user-blk ctl /run/vm0-ctl.sock stats",
     subcommand_negates_reqs = true,
     args_conflicts_with_subcommands = true,

@@ -5,6 +5,7 @@
 //! to the driver; [`notify`] the one place where the driver is signalled.
 
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::QueueT;
@@ -15,7 +16,7 @@ use crate::errors::{report, LogLimit, RequestError};
 use crate::inflight::QueueInflight;
 use crate::queue::{QueueCtx, QueueError};
 use crate::request::RequestType;
-use crate::stats::QueueStats;
+use crate::stats::{LatencyOp, QueueStats};
 
 /// How a request ended: its virtio status and the used length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +64,8 @@ pub struct Pending {
     pub expected: u64,
     /// Its type.
     pub kind: RequestType,
+    /// When its operation was submitted (for the latency histogram).
+    pub started: Instant,
 }
 
 impl Default for Pending {
@@ -73,6 +76,7 @@ impl Default for Pending {
             used_len: 0,
             expected: 0,
             kind: RequestType::Flush,
+            started: Instant::now(),
         }
     }
 }
@@ -101,10 +105,23 @@ pub fn op_done<M: GuestMemoryBackend>(
         }),
         Err(e) => Err(e),
     };
+    let counted = match p.kind {
+        RequestType::In => Some((&stats.reads, LatencyOp::Read)),
+        RequestType::Out => Some((&stats.writes, LatencyOp::Write)),
+        RequestType::Flush => Some((&stats.flushes, LatencyOp::Flush)),
+        RequestType::Discard => Some((&stats.discards, LatencyOp::Discard)),
+        RequestType::WriteZeroes => Some((&stats.write_zeroes, LatencyOp::WriteZeroes)),
+        // Never submitted as disk operations (completed at once).
+        RequestType::GetId | RequestType::Unsupported(_) => None,
+    };
+    if let Some((count, op)) = counted {
+        QueueStats::add(count, 1);
+        let ns = u64::try_from(p.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        stats.observe(op, ns);
+    }
     match p.kind {
         RequestType::In if result.is_ok() => QueueStats::add(&stats.read_bytes, p.expected),
         RequestType::Out if result.is_ok() => QueueStats::add(&stats.write_bytes, p.expected),
-        RequestType::Flush => QueueStats::add(&stats.flushes, 1),
         _ => {}
     }
     let done = match result {

@@ -119,11 +119,13 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         .map_err(Error::Device)?,
     );
     let control_device = device.clone();
+    let metrics_device = device.clone();
     let signal_device = device.clone();
     daemon::run(
         &cfg.daemon,
         daemon::Hooks {
             control: move |req: &serde_json::Value| control::handle(req, &control_device),
+            metrics: move |out: &mut String| stats::render(&metrics_device.stats, out),
             on_signal: move |sig| on_signal(&signal_device, sig),
             serve: move |listener| server::serve(device, listener),
             syscalls: &[],

@@ -282,6 +282,7 @@ impl QueueEngine {
                 heads.len()
             );
         }
+        QueueStats::add(&ctx.stats.resubmitted, heads.len() as u64);
         self.resubmit = heads;
         self.resubmit.reverse();
         Ok(())
@@ -416,6 +417,10 @@ impl QueueEngine {
                         Admit::Go => match self.start(ctx, head, &req, tag) {
                             Ok(Started::Queued) => {
                                 self.free.pop();
+                                ctx.stats.in_flight.store(
+                                    (self.slots.len() - self.free.len()) as u64,
+                                    Ordering::Relaxed,
+                                );
                                 // What already finished (a synchronous
                                 // backend completes at submission) goes
                                 // back at once, as before the trait: the
@@ -508,6 +513,8 @@ impl QueueEngine {
                 used_len,
                 expected,
             } => {
+                // Before submitting: a synchronous backend does the work there.
+                let started = Instant::now();
                 self.disk.submit(tag, op).map_err(RequestError::Disk)?;
                 self.slots[tag] = Pending {
                     head,
@@ -515,6 +522,7 @@ impl QueueEngine {
                     used_len,
                     expected,
                     kind: req.ty,
+                    started,
                 };
                 Ok(Started::Queued)
             }
@@ -546,6 +554,9 @@ impl QueueEngine {
                 }
             }
         });
+        ctx.stats
+            .in_flight
+            .store((slots.len() - free.len()) as u64, Ordering::Relaxed);
         match first_err {
             Some(e) => Err(e),
             None => Ok(n),

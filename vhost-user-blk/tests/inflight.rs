@@ -8,6 +8,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,8 @@ struct Rig {
     worker: QueueEngine,
     region: File,
     size: u64,
+    /// The queue's counters, kept across passes.
+    stats: QueueStats,
     _dir: tempfile::TempDir,
 }
 
@@ -94,6 +97,7 @@ fn rig_with(format: qcow2::ImageFormat) -> (GuestMemoryMmap, Rig) {
         worker,
         region,
         size,
+        stats: QueueStats::default(),
         _dir: dir,
     };
     (mem, rig)
@@ -118,7 +122,6 @@ impl Rig {
             poll: Duration::ZERO,
             hold_completions: hold,
         };
-        let stats = QueueStats::default();
         self.worker
             .process(&mut QueueCtx {
                 index: 0,
@@ -126,7 +129,7 @@ impl Rig {
                 writeback: true,
                 q,
                 mem,
-                stats: &stats,
+                stats: &self.stats,
                 signal: &mut || {},
             })
             .expect("process");
@@ -246,6 +249,10 @@ fn restart_resubmits_inflight_heads_oldest_first_and_nothing_twice() {
         assert_eq!(r.entry_inflight(h), 0, "head {h} cleared");
     }
     assert_eq!(r.hdr16(14), 4);
+    // The metrics' outboard_blk_resubmitted_total: heads 6 and 3.
+    assert_eq!(r.stats.resubmitted.load(Ordering::Relaxed), 2);
+    assert_eq!(r.stats.writes.load(Ordering::Relaxed), 3);
+    assert_eq!(r.stats.in_flight.load(Ordering::Relaxed), 0);
 }
 
 #[test]
@@ -279,6 +286,7 @@ fn a_batch_used_before_its_flags_were_cleared_is_not_resubmitted() {
     assert_eq!(r.sector(0), 0x10);
     assert_eq!(r.sector(1), 0, "head 3's request was not redone");
     assert_eq!(r.hdr16(14), 2);
+    assert_eq!(r.stats.resubmitted.load(Ordering::Relaxed), 1);
 }
 
 #[test]

@@ -48,6 +48,8 @@ impl OnOff {
         finds it with its bridge, address and guest MAC.\n\n\
         Offload switches default to on: --tso4 off etc. turn one off (csum off turns off all \
         segmentation offloads too).\n\n\
+        Prometheus metrics: --metrics unix:/run/vm0-metrics.sock and/or --metrics \
+        127.0.0.1:9101 (loopback only), then curl http://127.0.0.1:9101/metrics\n\n\
         Control a running daemon: vhost-user-net ctl /run/vm0-net-ctl.sock stats",
     subcommand_negates_reqs = true,
     args_conflicts_with_subcommands = true,

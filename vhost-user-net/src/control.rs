@@ -2,7 +2,8 @@
 //!
 //! - `{"cmd":"stats"}` → `{"ok":true,"tap":NAME,"link_up":BOOL,
 //!   "acked_features":N,"queues":[{"queue":0,"direction":"rx","packets":N,
-//!   "bytes":N,"drops":N,"errors":N},...]}`.
+//!   "bytes":N,"drops":N,"drop_too_large":N,"drop_runt":N,"drop_tap_full":N,
+//!   "drop_tap_down":N,"errors":N,"holes":N},...]}`.
 //!
 //! - `{"cmd":"link","state":"down"|"up"}` → `{"ok":true,"link":"down",
 //!   "notified":BOOL}`: the link administratively down or up (tap carrier

@@ -198,10 +198,12 @@ fn serve_device(cfg: &Config, device: Arc<NetDevice>, owned_tap: bool) -> Result
     );
     let serve_device = device.clone();
     let control_device = device.clone();
+    let metrics_device = device.clone();
     daemon::run(
         &cfg.daemon,
         daemon::Hooks {
             control: move |req: &serde_json::Value| control::handle(req, &control_device),
+            metrics: move |out: &mut String| stats::render(&metrics_device.stats, out),
             on_signal: move |sig| {
                 on_signal(owned_tap.then_some(device.as_ref()), sig);
                 0

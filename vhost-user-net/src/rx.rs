@@ -31,7 +31,7 @@ use vm_memory::GuestMemoryBackend;
 use io_uring::opcode;
 
 use crate::chain::{check_avail, collect, write_at};
-use crate::stats::QueueStats;
+use crate::stats::{DropReason, QueueStats};
 use crate::uring::{Ring, UringError};
 use crate::virtio::{Negotiated, ETH_OVERHEAD, HDR_LEN, NUM_BUFFERS_OFFSET};
 
@@ -435,7 +435,11 @@ impl Rx {
                 r if r >= 0 => {
                     let n = r as usize;
                     if n > p.cap || n < hdr {
-                        QueueStats::add(&stats.drops, 1);
+                        stats.drop(if n < hdr {
+                            DropReason::Runt
+                        } else {
+                            DropReason::TooLarge
+                        });
                         None
                     } else {
                         Some(n)
@@ -660,7 +664,11 @@ impl Rx {
         };
         if n > cap || n < hdr {
             // Larger than the buffers (truncated by the kernel), or runt.
-            QueueStats::add(&stats.drops, 1);
+            stats.drop(if n < hdr {
+                DropReason::Runt
+            } else {
+                DropReason::TooLarge
+            });
             return Ok(Some(0));
         }
         // How many chains the frame covers.

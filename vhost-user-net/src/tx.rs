@@ -18,7 +18,7 @@ use io_uring::opcode;
 
 use crate::chain::{check_avail, collect};
 use crate::poll::PollWindow;
-use crate::stats::QueueStats;
+use crate::stats::{DropReason, QueueStats};
 use crate::uring::{Ring, UringError};
 use crate::virtio::Negotiated;
 
@@ -255,7 +255,7 @@ impl Tx {
                     QueueStats::add(&stats.bytes, p.len as u64);
                 }
                 r if matches!(-r, libc::EAGAIN | libc::ENOBUFS | libc::EIO) => {
-                    QueueStats::add(&stats.drops, 1);
+                    stats.drop(DropReason::of_tap_errno(-r));
                 }
                 _ => QueueStats::add(&stats.errors, 1),
             }
@@ -280,7 +280,7 @@ impl Tx {
             }
         };
         if len - hdr > self.cfg.max_tx_frame {
-            QueueStats::add(&stats.drops, 1);
+            stats.drop(DropReason::TooLarge);
             return 0;
         }
         len - hdr
@@ -302,7 +302,7 @@ impl Tx {
             }
         };
         if len - hdr > self.cfg.max_tx_frame {
-            QueueStats::add(&stats.drops, 1);
+            stats.drop(DropReason::TooLarge);
             return;
         }
         loop {
@@ -317,8 +317,8 @@ impl Tx {
             match std::io::Error::last_os_error().raw_os_error() {
                 Some(libc::EINTR) => continue,
                 // Tap queue full, or the link is down.
-                Some(libc::EAGAIN | libc::ENOBUFS | libc::EIO) => {
-                    QueueStats::add(&stats.drops, 1);
+                Some(e @ (libc::EAGAIN | libc::ENOBUFS | libc::EIO)) => {
+                    stats.drop(DropReason::of_tap_errno(e));
                 }
                 // EINVAL: a virtio-net header the kernel refuses, ...
                 _ => QueueStats::add(&stats.errors, 1),
