@@ -103,6 +103,17 @@ fn wait_bridged(a: &Netns, d: &NetDaemon) {
     });
 }
 
+/// Waits until `n` of the tap's queues are attached (`ip -d link`: "numqueues N"; a queue
+/// the daemon detached counts in "numdisabled"). A pair attaches its queue on its worker
+/// thread at its first queue event, so a kick alone does not say when that happened.
+fn wait_tap_queues(a: &Netns, d: &NetDaemon, n: usize) {
+    let want = format!("numqueues {n} ");
+    wait_until(&format!("{n} tap queue(s) attached"), d, || {
+        a.exec(&["ip", "-d", "link", "show", "dev", "obtap0"])
+            .contains(&want)
+    });
+}
+
 /// Gives RX queue `q` all its buffers, 2 KiB each.
 fn fill_rx(mem: &GuestMem, q: u64) {
     for i in 0..QSIZE {
@@ -259,6 +270,7 @@ fn a_disabled_queue_pair_gives_its_flows_to_the_others() {
         kick(&kicks[q as usize]);
     }
     wait_bridged(&a, &d);
+    wait_tap_queues(&a, &d, 2);
     let senders: Vec<UdpSocket> = (0..20u16)
         .map(|i| b.run(move || UdpSocket::bind(("10.204.0.2", 7300 + i)).expect("bind")))
         .collect();
@@ -284,6 +296,7 @@ fn a_disabled_queue_pair_gives_its_flows_to_the_others() {
     conn.send(SET_VRING_ENABLE, &vring_state(2, 0), &[]);
     conn.send(SET_VRING_ENABLE, &vring_state(3, 0), &[]);
     conn.get_u64(GET_FEATURES);
+    wait_tap_queues(&a, &d, 1);
     let pair1_before = mem.used_idx(2);
     send_all("one ");
     let seen = wait_flows(&mem, senders.len(), "one ");
@@ -314,7 +327,7 @@ fn a_disabled_queue_pair_gives_its_flows_to_the_others() {
     conn.get_u64(GET_FEATURES);
     kick(&kicks[2]);
     // The kick attaches the queue on the pair's worker thread.
-    std::thread::sleep(Duration::from_millis(200));
+    wait_tap_queues(&a, &d, 2);
     send_all("again ");
     let seen = wait_flows(&mem, senders.len(), "again ");
     assert!(
