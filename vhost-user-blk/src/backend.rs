@@ -55,6 +55,12 @@ impl Transport for Connection {
         }
     }
 
+    fn drain_queues(&self, device: &BlkDevice) {
+        for i in 0..self.vrings.len() {
+            drain(device, &self.vrings, i);
+        }
+    }
+
     fn notify_config_change(&self) -> io::Result<()> {
         match &*self.frontend.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(b) => b
@@ -94,6 +100,22 @@ fn run(
         .map_err(io::Error::other)
 }
 
+/// Completes what queue `index` has in flight on its current vring.
+fn drain(device: &BlkDevice, vrings: &[Mutex<Option<VringRwLock>>], index: usize) {
+    let Some(slot) = vrings.get(index) else {
+        return;
+    };
+    let vring = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(v) = vring {
+        let mut state = v.get_mut();
+        let call = state.get_call().as_ref().map(|c| c.as_raw_fd());
+        let mut signal = || outboard_common::daemon::signal_call(call);
+        if let Err(e) = device.drain_queue(index, state.get_queue_mut(), &mut signal) {
+            log::warn!("queue {index}: completing requests in flight: {e}");
+        }
+    }
+}
+
 impl BlkBackend {
     /// An adapter for `device` (which it gives its transport).
     pub fn new(device: Arc<BlkDevice>) -> BlkBackend {
@@ -103,6 +125,12 @@ impl BlkBackend {
         });
         device.set_transport(conn.clone());
         BlkBackend { device, conn }
+    }
+
+    /// The event id of queue completions on a worker thread's epoll (one
+    /// past the ids the library reserves).
+    pub fn completion_event(&self) -> u64 {
+        self.device.num_queues() as u64 + 1
     }
 
     /// The frontend went away: forgets its vrings and inflight region.
@@ -181,6 +209,13 @@ impl VhostUserBackend for BlkBackend {
 
     fn set_event_idx(&self, _enabled: bool) {}
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the frontend takes the ring position next, so
+        // every request taken from the ring must be in the used ring first.
+        drain(&self.device, &self.conn.vrings, queue_index as usize);
+        Ok(())
+    }
+
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let c = self.device.config();
         let start = offset as usize;
@@ -224,7 +259,13 @@ impl VhostUserBackend for BlkBackend {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        let Some(vring) = vrings.get(usize::from(device_event)) else {
+        // A completion event is for the thread's queue, like its kick.
+        let index = if u64::from(device_event) == self.completion_event() {
+            0
+        } else {
+            usize::from(device_event)
+        };
+        let Some(vring) = vrings.get(index) else {
             return Err(io::Error::other(format!(
                 "event {device_event} for no vring"
             )));

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
 use virtio_queue::Queue;
+use vm_memory::atomic::GuestMemoryLoadGuard;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::disk::{Disk, DiskError};
@@ -64,8 +65,40 @@ pub enum DeviceError {
 pub trait Transport: Send + Sync {
     /// Serves the queues of the current connection again (after a pause).
     fn restart_queues(&self, device: &BlkDevice);
+    /// Completes what the queues of the current connection have in flight
+    /// ([`BlkDevice::drain_queue`] for each queue).
+    fn drain_queues(&self, device: &BlkDevice);
     /// Tells the guest that the configuration space changed.
     fn notify_config_change(&self) -> io::Result<()>;
+}
+
+/// A queue's engine, and the guest memory its requests in flight use.
+#[derive(Debug)]
+struct Engine {
+    engine: QueueEngine,
+    /// The maps of the passes that left requests in flight (they read and
+    /// write them), kept mapped until nothing is in flight; usually one.
+    pinned: Vec<GuestMemoryLoadGuard<GuestMemoryMmap>>,
+}
+
+impl Engine {
+    fn lock(m: &Mutex<Engine>) -> std::sync::MutexGuard<'_, Engine> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// After a pass over `mem`: keeps it (and the maps pinned before)
+    /// mapped while requests are in flight, releases them all otherwise.
+    fn pin(&mut self, mem: GuestMemoryLoadGuard<GuestMemoryMmap>) {
+        if self.engine.in_flight() == 0 {
+            self.pinned.clear();
+        } else if !self
+            .pinned
+            .iter()
+            .any(|p| std::ptr::eq::<GuestMemoryMmap>(&**p, &*mem))
+        {
+            self.pinned.push(mem);
+        }
+    }
 }
 
 /// Shared state of the device.
@@ -76,7 +109,7 @@ pub struct BlkDevice {
     pub stats: Vec<QueueStats>,
     settings: DeviceSettings,
     params: Mutex<ConfigParams>,
-    engines: Vec<Mutex<QueueEngine>>,
+    engines: Vec<Mutex<Engine>>,
     writeback: AtomicBool,
     acked: AtomicU64,
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
@@ -109,9 +142,12 @@ impl BlkDevice {
         let epoch = Arc::new(AtomicU64::new(0));
         let engines = (0..num_queues)
             .map(|_| {
-                let mut e = QueueEngine::new(&disk, queue_size).map_err(DeviceError::Queue)?;
-                e.watch(epoch.clone());
-                Ok(Mutex::new(e))
+                let mut engine = QueueEngine::new(&disk, queue_size).map_err(DeviceError::Queue)?;
+                engine.watch(epoch.clone());
+                Ok(Mutex::new(Engine {
+                    engine,
+                    pinned: Vec::new(),
+                }))
             })
             .collect::<Result<Vec<_>, DeviceError>>()?;
         let (opt_io, discard_align) = match disk.qcow2() {
@@ -224,20 +260,27 @@ impl BlkDevice {
     /// `pause(false)` the requests that arrived meanwhile are processed.
     pub fn pause(&self, paused: bool) {
         self.paused.store(paused, Ordering::SeqCst);
-        if paused {
-            // A polling or busy queue returns from its pass; taking each
-            // engine lock waits for the requests it has in flight.
-            self.epoch.fetch_add(1, Ordering::AcqRel);
-            for e in &self.engines {
-                drop(e.lock().unwrap_or_else(|e| e.into_inner()));
-            }
-            return;
-        }
         let t = self
             .transport
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        if paused {
+            // A polling or busy queue returns from its pass after waiting
+            // for its requests; those a pass left in flight for the
+            // completion event are completed here.
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            if let Some(t) = &t {
+                t.drain_queues(self);
+            }
+            for e in &self.engines {
+                let e = Engine::lock(e);
+                if e.engine.in_flight() > 0 {
+                    log::error!("pause: a queue still has requests in flight");
+                }
+            }
+            return;
+        }
         if let Some(t) = t {
             t.restart_queues(self);
         }
@@ -268,13 +311,63 @@ impl BlkDevice {
         })
     }
 
-    /// A frontend connection ended: forgets its inflight region.
+    /// A frontend connection ended: waits for the requests it left in
+    /// flight (without completing them: its rings are gone) and forgets its
+    /// inflight region.
     pub fn disconnected(&self) {
         for e in &self.engines {
-            e.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .set_inflight(None);
+            let mut e = Engine::lock(e);
+            e.engine.abandon();
+            e.pinned.clear();
+            e.engine.set_inflight(None);
         }
+    }
+
+    /// The engine's completion eventfd for queue `index` (see
+    /// [`QueueEngine::completion_fd`]): the transport runs the queue when
+    /// it fires.
+    pub fn completion_fd(&self, index: usize) -> Option<std::os::unix::io::RawFd> {
+        self.engines
+            .get(index)
+            .and_then(|e| Engine::lock(e).engine.completion_fd())
+    }
+
+    /// Waits for the requests queue `index` has in flight and completes
+    /// them on `q` (GET_VRING_BASE, a pause).
+    pub fn drain_queue(
+        &self,
+        index: usize,
+        q: &mut Queue,
+        signal: &mut dyn FnMut(),
+    ) -> Result<(), DeviceError> {
+        let (Some(engine), Some(stats)) = (self.engines.get(index), self.stats.get(index)) else {
+            return Err(DeviceError::NoQueue(index));
+        };
+        let mut e = Engine::lock(engine);
+        if e.engine.in_flight() == 0 {
+            e.pinned.clear();
+            return Ok(());
+        }
+        let Some(atomic) = self.mem.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Err(DeviceError::NoMemory);
+        };
+        let mem = atomic.memory();
+        let mut ctx = QueueCtx {
+            index,
+            settings: &self.settings,
+            writeback: self.writeback.load(Ordering::Relaxed),
+            q,
+            mem: &*mem,
+            stats,
+            signal,
+        };
+        let r = e.engine.wait_all(&mut ctx);
+        if let Err(err) = &r {
+            e.engine.ring_broken(&mut ctx, err);
+            e.engine.abandon();
+        }
+        e.pinned.clear();
+        Ok(())
     }
 
     /// Tracks in-flight requests of every queue in `region` from now on;
@@ -283,7 +376,7 @@ impl BlkDevice {
         let region = Arc::new(region);
         for (i, e) in self.engines.iter().enumerate() {
             let q = u16::try_from(i).ok().and_then(|i| region.queue(i));
-            e.lock().unwrap_or_else(|e| e.into_inner()).set_inflight(q);
+            Engine::lock(e).engine.set_inflight(q);
         }
     }
 
@@ -302,7 +395,7 @@ impl BlkDevice {
         let (Some(engine), Some(stats)) = (self.engines.get(index), self.stats.get(index)) else {
             return Err(DeviceError::NoQueue(index));
         };
-        let mut engine = engine.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = Engine::lock(engine);
         loop {
             if self.paused() {
                 return Ok(());
@@ -321,9 +414,10 @@ impl BlkDevice {
                 stats,
                 signal: &mut *signal,
             };
-            match engine.process(&mut ctx) {
-                Ok(Processed::Idle) => return Ok(()),
-                Ok(Processed::Interrupted) => {}
+            let engine = &mut slot.engine;
+            let done = match engine.process(&mut ctx) {
+                Ok(Processed::Idle) => true,
+                Ok(Processed::Interrupted) => false,
                 Err(e) => {
                     // Like the net daemon: a broken ring is the guest's
                     // problem. Count it, log it, and keep the queue: the
@@ -331,8 +425,14 @@ impl BlkDevice {
                     // served (returning the error would end this queue's
                     // thread until the frontend reconnects).
                     engine.ring_broken(&mut ctx, &e);
-                    return Ok(());
+                    true
                 }
+            };
+            // Requests left in flight for the completion event use this
+            // pass's map.
+            slot.pin(mem);
+            if done {
+                return Ok(());
             }
         }
     }

@@ -11,6 +11,16 @@
 //! the device works. A queue that runs dry polls its available ring for an
 //! adaptive window (`PollWindow`) before it goes back to waiting for kicks.
 //!
+//! Completions are event-driven when the backend has a completion eventfd
+//! ([`QueueEngine::completion_fd`]): a pass that runs out of chains returns
+//! to the queue's event loop with its operations still in flight, and the
+//! owner runs the next pass when the eventfd fires (or a kick arrives); the
+//! pass reaps first. The engine waits for completions itself only when no
+//! tag is free, when the owner wants it stopped ([`QueueEngine::watch`],
+//! [`QueueEngine::wait_all`], [`QueueEngine::abandon`]), and for backends
+//! without an eventfd. The owner keeps the guest memory of a pass mapped
+//! while [`QueueEngine::in_flight`] is not zero.
+//!
 //! With an inflight region ([`crate::inflight`]), every head taken from the
 //! available ring is recorded until it is in the used ring, and after a
 //! restart the recorded heads are resubmitted, oldest first, before new ones.
@@ -126,6 +136,9 @@ pub struct QueueEngine {
     epoch: Option<Arc<AtomicU64>>,
     /// `epoch` as of the last [`Processed::Interrupted`].
     seen_epoch: u64,
+    /// The backend's completion eventfd: completions are reaped when it
+    /// fires on the owner's event loop (`None`: a pass waits for them).
+    completion_fd: Option<std::os::unix::io::RawFd>,
     /// Rate limit of this queue's failed-request log lines.
     log: LogLimit,
     /// Rate limit of this queue's broken-ring log lines (a separate budget:
@@ -180,9 +193,20 @@ impl QueueEngine {
     }
 
     /// An engine on `disk`.
-    pub fn with_backend(disk: Box<dyn DiskBackend>) -> QueueEngine {
+    pub fn with_backend(mut disk: Box<dyn DiskBackend>) -> QueueEngine {
         let depth = disk.depth().max(1);
+        let completion_fd = match disk.completion_fd() {
+            Ok(fd) => fd,
+            Err(e) => {
+                log::warn!(
+                    "no completion eventfd ({}): completions are waited for in the pass",
+                    Chain(&e)
+                );
+                None
+            }
+        };
         QueueEngine {
+            completion_fd,
             caps: disk.capabilities(),
             disk,
             slots: vec![Pending::default(); depth],
@@ -235,6 +259,20 @@ impl QueueEngine {
             self.seen_epoch = e.load(Ordering::Acquire);
         }
         Processed::Interrupted
+    }
+
+    /// The eventfd that becomes readable when operations completed (one
+    /// edge per completion batch; nobody reads it: watch it edge-triggered);
+    /// `None` when the engine waits for completions itself.
+    pub fn completion_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        self.completion_fd
+    }
+
+    /// Number of requests in flight: while it is not zero, the guest memory
+    /// of the pass that left them in flight must stay mapped, and a later
+    /// pass (or [`QueueEngine::wait_all`]) must complete them.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
     }
 
     /// Number of heads waiting to be resubmitted.
@@ -307,6 +345,7 @@ impl QueueEngine {
         ctx: &mut QueueCtx<'_, M>,
     ) -> Result<Processed, QueueError> {
         if self.interrupted() {
+            self.wait_all(ctx)?;
             return Ok(self.interrupt_seen());
         }
         if self.recover {
@@ -320,9 +359,12 @@ impl QueueEngine {
             loop {
                 let n = self.run_pipeline(ctx)?;
                 if self.interrupted() {
+                    self.wait_all(ctx)?;
                     return Ok(self.interrupt_seen());
                 }
-                if n == 0 && !self.poll_avail(ctx)? {
+                // With operations in flight the completion event (or a kick)
+                // brings us back: no busy-polling past it.
+                if n == 0 && (self.in_flight() > 0 || !self.poll_avail(ctx)?) {
                     break;
                 }
             }
@@ -340,14 +382,62 @@ impl QueueEngine {
         }
     }
 
+    /// For owners without an event loop (tools, tests): [`QueueEngine::process`]
+    /// until nothing is in flight, waiting for a completion between passes.
+    pub fn process_all<M: GuestMemoryBackend>(
+        &mut self,
+        ctx: &mut QueueCtx<'_, M>,
+    ) -> Result<Processed, QueueError> {
+        loop {
+            let how = self.process(ctx)?;
+            if how == Processed::Interrupted || self.in_flight() == 0 {
+                return Ok(how);
+            }
+            self.disk.kick(true)?;
+        }
+    }
+
     /// After an error: waits for what is in flight (its memory must stay
     /// mapped) and completes it as far as the ring allows.
     fn drain<M: GuestMemoryBackend>(&mut self, ctx: &mut QueueCtx<'_, M>) {
-        while self.free.len() < self.slots.len() {
+        let mut unsignalled = 0;
+        while self.in_flight() > 0 {
             if self.disk.kick(true).is_err() {
                 break;
             }
-            let _ = self.reap(ctx);
+            unsignalled += self.reap(ctx).unwrap_or(0);
+        }
+        let _ = notify(ctx, &mut unsignalled);
+    }
+
+    /// Waits for every request in flight and completes it (the owner stops
+    /// the queue: a pause, GET_VRING_BASE, a new memory map). `ctx.mem` may
+    /// be a newer map than the one the requests were started with; the
+    /// owner keeps that one mapped until this returns.
+    pub fn wait_all<M: GuestMemoryBackend>(
+        &mut self,
+        ctx: &mut QueueCtx<'_, M>,
+    ) -> Result<(), QueueError> {
+        let mut unsignalled = 0;
+        while self.in_flight() > 0 {
+            self.disk.kick(true)?;
+            unsignalled += self.reap(ctx)?;
+        }
+        notify(ctx, &mut unsignalled)
+    }
+
+    /// The frontend went away: waits for the requests in flight (their
+    /// guest memory is still mapped by the owner) and forgets them without
+    /// completing them. They stay recorded in the inflight region, if any,
+    /// so a frontend that reconnects resubmits them.
+    pub fn abandon(&mut self) {
+        while self.in_flight() > 0 {
+            if let Err(e) = self.disk.kick(true) {
+                log::error!("waiting for requests of a closed connection: {}", Chain(&e));
+                return;
+            }
+            let free = &mut self.free;
+            self.disk.reap(&mut |c: Completion| free.push(c.tag));
         }
     }
 
@@ -375,9 +465,10 @@ impl QueueEngine {
     /// in waves of up to [`WAVE`] requests; after each wave submits it and
     /// completes whatever has finished (notifying the driver), so the driver
     /// reaps and refills one wave while the next is executed. Waits for a
-    /// completion only when nothing is available or no tag is free. Runs
-    /// until nothing is available or in flight; returns the number of chains
-    /// completed.
+    /// completion when no tag is free, and, without a completion eventfd,
+    /// when nothing is available. Runs until nothing is available and
+    /// (event-driven) nothing more has completed or (otherwise) nothing is
+    /// in flight; returns the number of chains completed.
     fn run_pipeline<M: GuestMemoryBackend>(
         &mut self,
         ctx: &mut QueueCtx<'_, M>,
@@ -465,17 +556,27 @@ impl QueueEngine {
                 }
             }
             let mut idle = drained || taken == 0;
-            if !ctx.settings.hold_completions.is_zero() {
+            let holding = !ctx.settings.hold_completions.is_zero();
+            if holding {
                 let n = self.hold_and_release(ctx)?;
                 completed += n;
                 unsignalled += n;
                 idle &= self.resubmit.is_empty();
             }
-            if self.free.len() < self.slots.len() {
-                self.disk.kick(idle || self.free.is_empty())?;
+            if self.in_flight() > 0 {
+                // Wait for a completion only when no tag is free, or when
+                // nothing else is left and no completion event will call us
+                // back (no eventfd, or the test-only hold, which keeps a
+                // pass until its requests are done).
+                let evented = self.completion_fd.is_some() && !holding;
+                let wait = self.free.is_empty() || (idle && !evented);
+                self.disk.kick(wait)?;
                 let n = self.reap(ctx)?;
                 completed += n;
                 unsignalled += n;
+                if idle && !wait && n == 0 {
+                    break;
+                }
             } else if idle {
                 break;
             }

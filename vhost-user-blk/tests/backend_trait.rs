@@ -170,7 +170,7 @@ fn process(engine: &mut QueueEngine, q: &mut Queue, mem: &GuestMemoryMmap, stats
         hold_completions: Duration::ZERO,
     };
     let how = engine
-        .process(&mut QueueCtx {
+        .process_all(&mut QueueCtx {
             index: 0,
             settings: &settings,
             writeback: true,

@@ -123,7 +123,7 @@ impl Rig {
             hold_completions: hold,
         };
         self.worker
-            .process(&mut QueueCtx {
+            .process_all(&mut QueueCtx {
                 index: 0,
                 settings: &settings,
                 writeback: true,

@@ -129,18 +129,42 @@ fn process_once(
     };
     let stats = QueueStats::default();
     let mut signals = 0;
-    let how = worker
-        .process(&mut QueueCtx {
-            index: 0,
-            settings: &settings,
-            writeback: true,
-            q,
-            mem,
-            stats: &stats,
-            signal: &mut || signals += 1,
-        })
-        .expect("process");
-    (signals, how)
+    // Like the daemon's event loop: a pass, then, while requests are in
+    // flight, wait for the completion eventfd and run the next pass. The
+    // counter is consumed before each pass, so a wait only returns for a
+    // completion posted after that.
+    let fd = worker.completion_fd();
+    loop {
+        if let Some(fd) = fd {
+            let mut v = 0u64;
+            // SAFETY: reads 8 bytes into `v` from the engine's eventfd
+            // (non-blocking; EAGAIN when nothing completed).
+            unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+        }
+        let how = worker
+            .process(&mut QueueCtx {
+                index: 0,
+                settings: &settings,
+                writeback: true,
+                q: &mut *q,
+                mem,
+                stats: &stats,
+                signal: &mut || signals += 1,
+            })
+            .expect("process");
+        if how == Processed::Interrupted || worker.in_flight() == 0 {
+            return (signals, how);
+        }
+        let fd = fd.expect("requests left in flight only with a completion eventfd");
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+        assert_eq!(n, 1, "the completion eventfd fired within 10 s");
+    }
 }
 
 /// Checks that the used ring holds `heads` exactly once each from used

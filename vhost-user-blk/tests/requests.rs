@@ -86,7 +86,7 @@ impl Dev {
         let mut signals = 0;
         let settings = settings();
         self.worker
-            .process(&mut QueueCtx {
+            .process_all(&mut QueueCtx {
                 index: 0,
                 settings: &settings,
                 writeback: true,

@@ -412,9 +412,12 @@ pub trait DiskBackend: Send {
     fn kick(&mut self, wait: bool) -> Result<(), BackendError>;
     /// Hands every finished operation to `f`; returns how many.
     fn reap(&mut self, f: &mut dyn FnMut(Completion)) -> usize;
-    /// An eventfd that is signalled when completions are ready, for a
-    /// caller that waits on an event loop instead of in `kick` (`None`:
-    /// completions only appear during `submit` and `kick`).
+    /// An eventfd that is written each time operations complete after
+    /// `kick` returned, for an engine that waits for them on its event loop
+    /// instead of in `kick` (it watches the fd edge-triggered and never
+    /// reads it). Called once, when the engine is built. `None`:
+    /// completions only appear during `submit` and `kick`, and the engine
+    /// waits in `kick` while operations are in flight.
     fn completion_fd(&mut self) -> Result<Option<RawFd>, BackendError>;
 }
 
