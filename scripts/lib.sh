@@ -18,7 +18,7 @@
 #   prometheus: promtool validates the daemons' --metrics text (tests/tests/metrics.rs)
 # shellcheck disable=SC2034 # used by the scripts that source this file
 OUTBOARD_APT_PACKAGES=(qemu-utils gcc libc6-dev qemu-system-x86 cpio e2fsprogs iproute2 dpdk-dev
-    debootstrap debian-archive-keyring wget prometheus)
+    debootstrap debian-archive-keyring wget prometheus systemd)
 
 # Commands the tests and the main job run, each as "COMMAND|PACKAGE|ARGS": checked by
 # running `COMMAND ARGS` (exit 0 required) after the install step, so a package that is
@@ -51,6 +51,7 @@ OUTBOARD_COMMANDS=(
     "unshare|util-linux|--version"
     "truncate|coreutils|--version"
     "promtool|prometheus|--version"
+    "systemd-analyze|systemd|--version"
 )
 
 log() { printf '==> %s\n' "$*" >&2; }
