@@ -9,6 +9,7 @@
 //! cannot run here says so through [`skip`], which CI counts and prints.
 //! [`raw_frontend`] is a minimal vhost-user frontend of raw messages for
 //! tests that play a broken or hostile guest against a running daemon.
+//! [`plot`] draws the benchmark charts.
 
 pub mod blkio_client;
 pub mod fuzz_blk;
@@ -16,6 +17,7 @@ pub mod fuzz_body;
 pub mod guest;
 pub mod netd;
 pub mod netns;
+pub mod plot;
 pub mod raw_frontend;
 pub mod skip;
 pub mod testpmd;

@@ -19,7 +19,8 @@
 //! cargo build --release -p vhost-user-net
 //! cargo run --release -p outboard-tests --bin net-bench -- --secs 5 --sizes 64,1500
 //! ```
-//! Needs root, `ip` and `dpdk-testpmd`.
+//! Needs root, `ip` and `dpdk-testpmd`. `--plot FILE.svg` also draws the results
+//! (`outboard_tests::plot`: median bars with the range across rounds).
 
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +37,7 @@ struct Opts {
     rounds: usize,
     dirs: Vec<String>,
     pin: Option<usize>,
+    plot: Option<std::path::PathBuf>,
 }
 
 fn opts() -> Opts {
@@ -45,6 +47,7 @@ fn opts() -> Opts {
         rounds: 3,
         dirs: vec!["tx".into(), "rx".into()],
         pin: None,
+        plot: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -55,9 +58,10 @@ fn opts() -> Opts {
             "--rounds" => o.rounds = v.parse().unwrap_or(3),
             "--dirs" => o.dirs = v.split(',').map(String::from).collect(),
             "--pin" => o.pin = v.parse().ok(),
+            "--plot" => o.plot = Some(v.into()),
             _ => {
                 eprintln!(
-                    "usage: net-bench [--secs N] [--sizes 64,1500] [--rounds 3] [--dirs tx,rx,txbr] [--pin CPU]"
+                    "usage: net-bench [--secs N] [--sizes 64,1500] [--rounds 3] [--dirs tx,rx,txbr] [--pin CPU] [--plot FILE.svg]"
                 );
                 std::process::exit(2);
             }
@@ -480,6 +484,8 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let ns = |m: Meas| m.cpu.map_or("-".to_string(), |c| format!("{c:.0}"));
     let gbps = |pps: f64, size: usize| pps * size as f64 * 8.0 / 1e9;
+    // Per (size, direction): each path's frames/s in every round, for --plot.
+    let mut cells: Vec<((usize, String), [Vec<f64>; 3])> = Vec::new();
     for round in 1..=o.rounds {
         for &size in &o.sizes {
             for dir in &o.dirs {
@@ -516,6 +522,17 @@ fn main() {
                         std::process::exit(2);
                     }
                 };
+                let key = (size, dir.clone());
+                let i = match cells.iter().position(|(k, _)| *k == key) {
+                    Some(i) => i,
+                    None => {
+                        cells.push((key, Default::default()));
+                        cells.len() - 1
+                    }
+                };
+                for (v, m) in cells[i].1.iter_mut().zip([u.pps, s.pps, base.pps]) {
+                    v.push(m);
+                }
                 println!(
                     "| {round} | {size} | {dir} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {}, {}, {} |",
                     u.pps,
@@ -533,4 +550,28 @@ fn main() {
         }
     }
     println!("baseline: tx = one write() per frame to a lone tap; txbr, rx = testpmd net_tap on the bridge");
+    if let Some(path) = &o.plot {
+        let cells: Vec<outboard_tests::plot::Cell> = cells
+            .into_iter()
+            .map(|((size, dir), [u, s, base])| outboard_tests::plot::Cell {
+                label: format!("{dir} {size} B"),
+                bars: vec![
+                    ("uring".into(), u),
+                    ("sync".into(), s),
+                    ("baseline".into(), base),
+                ],
+            })
+            .collect();
+        let title = format!(
+            "net-bench: frames/s, median and range of {} rounds of {} s",
+            o.rounds, o.secs
+        );
+        match outboard_tests::plot::bars(path, &title, "frames/s", &cells) {
+            Ok(()) => println!("chart: {}", path.display()),
+            Err(e) => {
+                eprintln!("net-bench: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
 }
