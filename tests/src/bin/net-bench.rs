@@ -31,6 +31,9 @@ use outboard_tests::netd::NetDaemon;
 use outboard_tests::netns::Netns;
 use outboard_tests::testpmd::{tap, virtio_user, Testpmd, PMD_MAC};
 
+/// A measured cell: frame size and direction.
+type Cell = (usize, String);
+
 struct Opts {
     secs: u64,
     sizes: Vec<usize>,
@@ -485,7 +488,7 @@ fn main() {
     let ns = |m: Meas| m.cpu.map_or("-".to_string(), |c| format!("{c:.0}"));
     let gbps = |pps: f64, size: usize| pps * size as f64 * 8.0 / 1e9;
     // Per (size, direction): each path's frames/s in every round, for --plot.
-    let mut cells: Vec<((usize, String), [Vec<f64>; 3])> = Vec::new();
+    let mut cells: Vec<(Cell, [Vec<f64>; 3])> = Vec::new();
     for round in 1..=o.rounds {
         for &size in &o.sizes {
             for dir in &o.dirs {
