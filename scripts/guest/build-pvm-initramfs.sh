@@ -3,8 +3,9 @@
 # (../shared/guest/vmlinux, no modules needed) booted by the outboard VMM.
 #
 # Contents: Debian's static busybox (apt-get download busybox-static, unpacked with dpkg-deb,
-# nothing installed), the host's mke2fs (e2fsprogs, essential on Debian) with the libraries
-# ldd lists and the dynamic loader, and scripts/guest/init as /init (same ob_script protocol
+# nothing installed), Debian's ethtool (downloaded the same way; for the multi-queue test's
+# `ethtool -L`), the host's mke2fs (e2fsprogs, essential on Debian), the libraries ldd lists
+# for both and the dynamic loader, and scripts/guest/init as /init (same ob_script protocol
 # as the QEMU test guest: OB_START, the script's output, OB_EXIT=<status>, poweroff).
 #
 # Output: OUTDIR/pvm-initramfs.cpio.gz. Cached: rebuilt only when the busybox version, this
@@ -44,7 +45,9 @@ if [[ -z "$BBVER" || "$BBVER" == "(none)" ]]; then
     apt-get update -q >/dev/null
     BBVER="$(apt-cache policy busybox-static | sed -n 's/^ *Candidate: //p')"
 fi
-STAMP="busybox-static=$BBVER $(sha256sum "$0" "$HERE/init" "$MKE2FS" ${FIO_SRC:+"$FIO_SRC"} | awk '{print $1}' | paste -sd' ')"
+ETVER="$(apt-cache policy ethtool | sed -n 's/^ *Candidate: //p')"
+[[ -n "$ETVER" && "$ETVER" != "(none)" ]] || die "build-pvm-initramfs: no ethtool package candidate"
+STAMP="busybox-static=$BBVER ethtool=$ETVER $(sha256sum "$0" "$HERE/init" "$MKE2FS" ${FIO_SRC:+"$FIO_SRC"} | awk '{print $1}' | paste -sd' ')"
 if [[ "${OB_GUEST_FORCE:-0}" != 1 && -f "$OUT/$NAME.cpio.gz" && -f "$OUT/$NAME.stamp" &&
     "$(cat "$OUT/$NAME.stamp")" == "$STAMP" ]]; then
     log "build-pvm-initramfs: $OUT/$NAME.cpio.gz is up to date"
@@ -54,11 +57,13 @@ fi
 WORK="$OUT/.pvm-work"
 rm -rf "$WORK"
 mkdir -p "$WORK/debs" "$WORK/bb" "$WORK/root"
-(cd "$WORK/debs" && apt-get download -q "busybox-static=$BBVER" >"$WORK/download.log" 2>&1) || {
+(cd "$WORK/debs" && apt-get download -q "busybox-static=$BBVER" "ethtool=$ETVER" >"$WORK/download.log" 2>&1) || {
     cat "$WORK/download.log" >&2
-    die "build-pvm-initramfs: apt-get download busybox-static failed"
+    die "build-pvm-initramfs: apt-get download busybox-static ethtool failed"
 }
 dpkg-deb -x "$(find "$WORK/debs" -name 'busybox-static_*.deb' | head -n1)" "$WORK/bb"
+mkdir -p "$WORK/et"
+dpkg-deb -x "$(find "$WORK/debs" -name 'ethtool_*.deb' | head -n1)" "$WORK/et"
 
 R="$WORK/root"
 mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,run,root,mnt,lib/x86_64-linux-gnu}
@@ -77,6 +82,12 @@ ln -s mke2fs "$R/usr/sbin/mkfs.ext4"
 while read -r lib; do
     cp -L "$lib" "$R/lib/x86_64-linux-gnu/"
 done < <(ldd "$MKE2FS" | awk '$2 == "=>" && $3 ~ /^\// {print $3}')
+# ethtool (busybox has none) and its libraries (libmnl: the host has it with iproute2).
+cp "$WORK/et/sbin/ethtool" "$R/usr/sbin/ethtool"
+while read -r lib; do
+    cp -L "$lib" "$R/lib/x86_64-linux-gnu/"
+done < <(ldd "$R/usr/sbin/ethtool" | awk '$2 == "=>" && $3 ~ /^\// {print $3}')
+ldd "$R/usr/sbin/ethtool" | grep -q "not found" && die "build-pvm-initramfs: ethtool needs a library the host lacks"
 cp -L /lib64/ld-linux-x86-64.so.2 "$R/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
 ln -s x86_64-linux-gnu/ld-linux-x86-64.so.2 "$R/lib/ld-linux-x86-64.so.2"
 # mke2fs reads /etc/mke2fs.conf when present; its built-in defaults are fine without.

@@ -173,14 +173,20 @@ pub fn disk(children: &mut Children, spec: &DiskSpec, index: usize) -> Result<De
         kind: DeviceKind::Block,
         backend,
         mac: None,
+        pairs: 1,
     })
 }
 
 /// Connects or starts the backend of one NIC.
 pub fn net(children: &mut Children, spec: &NetSpec, index: usize) -> Result<DeviceSpec, Error> {
     let backend = match spec {
-        NetSpec::Socket(p, _) => Backend::connect(p, START_TIMEOUT)?,
-        NetSpec::Tap { tap, bridge, mac } => {
+        NetSpec::Socket { path, .. } => Backend::connect(path, START_TIMEOUT)?,
+        NetSpec::Tap {
+            tap,
+            bridge,
+            mac,
+            pairs,
+        } => {
             let bin = daemon_binary("vhost-user-net", "OUTBOARD_VHOST_USER_NET")?;
             let sock = children.dir()?.join(format!("net{index}.sock"));
             let mut cmd = Command::new(&bin);
@@ -191,15 +197,19 @@ pub fn net(children: &mut Children, spec: &NetSpec, index: usize) -> Result<Devi
             if let Some(m) = mac {
                 cmd.arg("--mac").arg(m);
             }
+            cmd.arg("--queue-pairs").arg(pairs.to_string());
             spawn(children, format!("vhost-user-net ({tap})"), cmd, &sock)?
         }
     };
-    let mac = match spec {
-        NetSpec::Socket(_, m) | NetSpec::Tap { mac: m, .. } => m.as_deref().and_then(parse_mac),
+    let (mac, pairs) = match spec {
+        NetSpec::Socket { mac, pairs, .. } | NetSpec::Tap { mac, pairs, .. } => {
+            (mac.as_deref().and_then(parse_mac), *pairs)
+        }
     };
     Ok(DeviceSpec {
         kind: DeviceKind::Net,
         backend,
         mac: Some(mac.unwrap_or_else(outboard_common::mac::random_mac)),
+        pairs,
     })
 }

@@ -36,8 +36,11 @@ pub struct Args {
     /// vhost-user-blk on a private socket). Repeat for more disks.
     #[arg(long = "disk")]
     pub disks: Vec<String>,
-    /// A NIC: `socket=PATH[,mac=MAC]` or `tap=NAME[,bridge=BR][,mac=MAC]` (starts our
-    /// vhost-user-net). Repeat for more NICs.
+    /// A NIC: `socket=PATH[,mac=MAC][,queues=N]` or
+    /// `tap=NAME[,bridge=BR][,mac=MAC][,queues=N]` (starts our vhost-user-net). `queues`:
+    /// queue pairs (1 to 16, default 1); with more than one the guest gets a control
+    /// queue with multi-queue (VIRTIO_NET_F_MQ) and picks how many it uses (`ethtool -L`).
+    /// Repeat for more NICs.
     #[arg(long = "net")]
     pub nets: Vec<String>,
     /// Log level (error, warn, info, debug, trace).
@@ -94,7 +97,14 @@ pub enum DiskSpec {
 pub enum NetSpec {
     /// An existing backend socket (and the MAC to give the guest when the
     /// backend does not provide the config space itself).
-    Socket(PathBuf, Option<String>),
+    Socket {
+        /// The backend's socket.
+        path: PathBuf,
+        /// Guest MAC.
+        mac: Option<String>,
+        /// Queue pairs.
+        pairs: u16,
+    },
     /// Our vhost-user-net started on a tap.
     Tap {
         /// Tap name.
@@ -103,6 +113,8 @@ pub enum NetSpec {
         bridge: Option<String>,
         /// Guest MAC.
         mac: Option<String>,
+        /// Queue pairs.
+        pairs: u16,
     },
 }
 
@@ -168,7 +180,7 @@ pub fn parse_net(s: &str) -> Result<NetSpec, Error> {
     let kv = split_kv(s);
     let get = |k: &str| kv.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
     for (k, _) in &kv {
-        if !["socket", "tap", "bridge", "mac"].contains(&k.as_str()) {
+        if !["socket", "tap", "bridge", "mac", "queues"].contains(&k.as_str()) {
             return Err(bad(&format!("unknown key {k:?}")));
         }
     }
@@ -177,12 +189,25 @@ pub fn parse_net(s: &str) -> Result<NetSpec, Error> {
             return Err(bad("mac must look like 52:54:00:12:34:56"));
         }
     }
+    let pairs = match get("queues") {
+        None => 1,
+        Some(v) => v
+            .parse::<u16>()
+            .ok()
+            .filter(|n| (1..=16).contains(n))
+            .ok_or_else(|| bad("queues must be 1..=16 (queue pairs)"))?,
+    };
     match (get("socket"), get("tap")) {
-        (Some(sock), None) => Ok(NetSpec::Socket(sock.into(), get("mac"))),
+        (Some(sock), None) => Ok(NetSpec::Socket {
+            path: sock.into(),
+            mac: get("mac"),
+            pairs,
+        }),
         (None, Some(tap)) => Ok(NetSpec::Tap {
             tap,
             bridge: get("bridge"),
             mac: get("mac"),
+            pairs,
         }),
         _ => Err(bad("give exactly one of socket= or tap=")),
     }
@@ -228,17 +253,21 @@ mod tests {
             Some(NetSpec::Tap {
                 tap: "tap0".into(),
                 bridge: Some("br0".into()),
-                mac: Some("52:54:00:00:00:01".into())
+                mac: Some("52:54:00:00:00:01".into()),
+                pairs: 1,
             })
         );
         assert!(parse_net("bridge=br0").is_err());
         assert!(parse_net("tap=t0,mac=52:54:00").is_err());
+        assert!(parse_net("tap=t0,queues=0").is_err());
+        assert!(parse_net("tap=t0,queues=17").is_err());
         assert_eq!(
-            parse_net("socket=/s,mac=52:54:00:00:00:0a").ok(),
-            Some(NetSpec::Socket(
-                "/s".into(),
-                Some("52:54:00:00:00:0a".into())
-            ))
+            parse_net("socket=/s,mac=52:54:00:00:00:0a,queues=2").ok(),
+            Some(NetSpec::Socket {
+                path: "/s".into(),
+                mac: Some("52:54:00:00:00:0a".into()),
+                pairs: 2,
+            })
         );
         assert_eq!(
             parse_mac("52:54:00:ab:cd:ef"),

@@ -70,6 +70,9 @@ pub struct QueueSetup<'a> {
     pub kick: &'a EventFd,
     /// Call eventfd (an irqfd), or none.
     pub call: Option<&'a EventFd>,
+    /// Whether the backend processes it from the start (`SET_VRING_ENABLE`):
+    /// a multi-queue NIC starts with its first pair only.
+    pub enabled: bool,
 }
 
 /// The inflight I/O tracking region of a device (vhost-user "Inflight I/O
@@ -373,12 +376,20 @@ impl Backend {
                 .map_err(|e| req("SET_VRING_KICK", e))?;
             if proto != 0 {
                 self.fe
-                    .set_vring_enable(q.index, true)
+                    .set_vring_enable(q.index, q.enabled)
                     .map_err(|e| req("SET_VRING_ENABLE", e))?;
             }
             self.started.push(q.index);
         }
         Ok(())
+    }
+
+    /// Enables or disables a started queue (`SET_VRING_ENABLE`; e.g. the
+    /// queue pairs a multi-queue guest stops or starts using).
+    pub fn set_vring_enable(&mut self, index: usize, enabled: bool) -> Result<(), Error> {
+        self.fe
+            .set_vring_enable(index, enabled)
+            .map_err(|e| Error::Request(self.path.clone(), "SET_VRING_ENABLE", e))
     }
 
     /// Stops every started queue (GET_VRING_BASE), as on a device reset.

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod msix;
+pub mod net_ctrl;
 pub mod virtio;
 
 use std::sync::{Arc, Mutex};

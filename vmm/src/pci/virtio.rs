@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::config::{PciConfig, PciId};
 use super::msix::{MsixTable, NO_VECTOR};
+use super::net_ctrl::{Command, CtrlQueue};
 use super::PciDevice;
 use crate::backend_channel::ConfigChange;
 use crate::bus::lock;
@@ -48,9 +49,15 @@ const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// SR-IOV, notification data, ring reset, admin queues, LOG_ALL).
 const UNSUPPORTED_TRANSPORT: u64 =
     (1 << 33) | (1 << 37) | (1 << 38) | (1 << 40) | (1 << 41) | (1 << 26);
-/// virtio-net features that need a control queue, which we do not provide.
+/// virtio-net features that need a control queue: the backend's offer is
+/// ignored (the control queue is ours, [`super::net_ctrl`]).
 const NET_NEEDS_CTRL_VQ: u64 =
     (1 << 17) | (1 << 18) | (1 << 19) | (1 << 20) | (1 << 21) | (1 << 22) | (1 << 23);
+/// What our control queue serves: CTRL_VQ, CTRL_RX, CTRL_MAC_ADDR (+ MQ with
+/// more than one pair).
+const NET_CTRL_VQ: u64 = (1 << 17) | (1 << 18) | (1 << 23);
+const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
@@ -104,6 +111,8 @@ pub struct DeviceSpec {
     /// For a NIC: the MAC we serve in the config space when the backend
     /// does not offer the CONFIG protocol feature (as QEMU does).
     pub mac: Option<[u8; 6]>,
+    /// For a NIC: queue pairs (the backend must have twice as many queues).
+    pub pairs: u16,
 }
 
 /// Errors of this module.
@@ -124,6 +133,9 @@ pub enum Error {
     /// Setting up the backend.
     #[error(transparent)]
     Backend(#[from] crate::vhost_user::Error),
+    /// The backend has fewer queues than the pairs asked for need.
+    #[error("vhost-user backend {0} has {1} queues, {2} queue pairs need {3}")]
+    TooFewQueues(PathBuf, u64, u16, u64),
 }
 
 #[derive(Debug)]
@@ -173,6 +185,15 @@ struct State {
     /// The backend's inflight region, kept from the first start until the
     /// device is reset, across backend restarts.
     inflight: Option<Inflight>,
+    /// What the backend offered (acked features are masked with it).
+    backend_features: u64,
+    /// NIC: queue pairs offered, and the index of the control queue.
+    pairs: u16,
+    ctrl: Option<usize>,
+    /// NIC: the control queue once the driver started the device.
+    ctrl_queue: Option<CtrlQueue>,
+    /// NIC: pairs in use (the guest's MQ_VQ_PAIRS_SET; 1 until then).
+    active_pairs: u16,
 }
 
 /// A virtio-pci function (the PCI bus holds this handle; the watcher thread another).
@@ -212,16 +233,28 @@ impl VirtioPci {
     ) -> Result<Self, Error> {
         let backend = spec.backend;
         let path = backend.path().to_path_buf();
-        let mut features = backend.features();
+        let backend_features = backend.features();
+        let mut features = backend_features;
         if features & VIRTIO_F_VERSION_1 == 0 {
             return Err(Error::NoVersion1(path));
         }
         features &= !UNSUPPORTED_TRANSPORT;
-        let nq = match spec.kind {
-            DeviceKind::Block => backend.queue_num() as usize,
+        let pairs = spec.pairs.max(1);
+        let (nq, ctrl) = match spec.kind {
+            DeviceKind::Block => (backend.queue_num() as usize, None),
             DeviceKind::Net => {
+                let need = 2 * u64::from(pairs);
+                if backend.queue_num() < need {
+                    return Err(Error::TooFewQueues(path, backend.queue_num(), pairs, need));
+                }
                 features &= !NET_NEEDS_CTRL_VQ;
-                2
+                features |= NET_CTRL_VQ;
+                if pairs > 1 {
+                    features |= VIRTIO_NET_F_MQ;
+                }
+                // RX/TX pairs, then the control queue.
+                let nq = 2 * usize::from(pairs) + 1;
+                (nq, Some(nq - 1))
             }
         };
         // A NIC whose backend has no config space: we serve MAC and link status.
@@ -230,7 +263,7 @@ impl VirtioPci {
                 features |= VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS;
                 let mut c = mac.to_vec();
                 c.extend_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
-                c.extend_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
+                c.extend_from_slice(&pairs.to_le_bytes()); // max_virtqueue_pairs
                 c.extend_from_slice(&1500u16.to_le_bytes()); // mtu
                 Some(c)
             }
@@ -266,9 +299,12 @@ impl VirtioPci {
         for q in 0..nq {
             let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
             let call = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
-            let addr = IoEventAddress::Mmio(bar + NOTIFY_OFF + q as u64 * NOTIFY_MULT);
-            vm.register_ioevent(&kick, &addr, NoDatamatch)
-                .map_err(|e| Error::Kvm("KVM_IOEVENTFD", e))?;
+            // The control queue's kicks exit to us (see net_ctrl).
+            if Some(q) != ctrl {
+                let addr = IoEventAddress::Mmio(bar + NOTIFY_OFF + q as u64 * NOTIFY_MULT);
+                vm.register_ioevent(&kick, &addr, NoDatamatch)
+                    .map_err(|e| Error::Kvm("KVM_IOEVENTFD", e))?;
+            }
             queues.push(Queue {
                 size: MAX_QUEUE_SIZE,
                 vector: NO_VECTOR,
@@ -308,6 +344,11 @@ impl VirtioPci {
             irqfds: Vec::new(),
             activated: false,
             inflight: None,
+            backend_features,
+            pairs,
+            ctrl,
+            ctrl_queue: None,
+            active_pairs: 1,
         };
         let state = Arc::new(Mutex::new(state));
         if let Some(b) = lock(&state).backend.as_mut() {
@@ -420,9 +461,14 @@ impl State {
     /// the backend reports (qemu-storage-daemon reports 0).
     fn patch_config(&self, config: &mut [u8]) {
         const BLK_NUM_QUEUES: usize = 34;
+        const NET_MAX_PAIRS: usize = 8;
         if self.kind == DeviceKind::Block && config.len() >= BLK_NUM_QUEUES + 2 {
             let nq = (self.queues.len() as u16).to_le_bytes();
             config[BLK_NUM_QUEUES..BLK_NUM_QUEUES + 2].copy_from_slice(&nq);
+        }
+        // And virtio-net's max_virtqueue_pairs: the pairs we expose.
+        if self.kind == DeviceKind::Net && config.len() >= NET_MAX_PAIRS + 2 {
+            config[NET_MAX_PAIRS..NET_MAX_PAIRS + 2].copy_from_slice(&self.pairs.to_le_bytes());
         }
     }
 
@@ -437,9 +483,14 @@ impl State {
                 }
             }
             o if (NOTIFY_OFF..NOTIFY_OFF + self.queues.len() as u64 * NOTIFY_MULT).contains(&o) => {
-                // Normally an ioeventfd catches these; forward if one slips through.
+                // Normally an ioeventfd catches these; forward if one slips
+                // through. The control queue is ours.
                 let q = ((o - NOTIFY_OFF) / NOTIFY_MULT) as usize;
-                let _ = self.queues[q].kick.write(1);
+                if Some(q) == self.ctrl {
+                    self.ctrl_kick();
+                } else {
+                    let _ = self.queues[q].kick.write(1);
+                }
             }
             o if (MSIX_TABLE_OFF..MSIX_PBA_OFF).contains(&o)
                 && self.msix.write(o - MSIX_TABLE_OFF, data).is_some() =>
@@ -557,6 +608,8 @@ impl State {
         self.activated = false;
         // A reset driver starts with empty rings: nothing left to resubmit.
         self.inflight = None;
+        self.ctrl_queue = None;
+        self.active_pairs = 1;
         self.status = 0;
         self.driver_features = 0;
         self.dfsel = 0;
@@ -599,6 +652,7 @@ impl State {
                 self.irqfds.push((i, gsi));
             }
             self.update_routes();
+            self.start_ctrl();
         }
         self.activated = true;
         let Some(backend) = self.backend.as_mut() else {
@@ -609,8 +663,9 @@ impl State {
         // At a resume: per queue (index, outstanding in the available ring,
         // recorded in flight by the inflight region, if there is one).
         let mut resumed = Vec::new();
+        let mq = self.driver_features & VIRTIO_NET_F_MQ != 0;
         for (i, q) in self.queues.iter().enumerate() {
-            if !q.enabled {
+            if !q.enabled || Some(i) == self.ctrl {
                 continue;
             }
             let base = if resume {
@@ -647,6 +702,9 @@ impl State {
                 base,
                 kick: &q.kick,
                 call: (q.vector != NO_VECTOR).then_some(&q.call),
+                // A NIC uses its first pair, or as many as the guest chose.
+                enabled: self.ctrl.is_none()
+                    || (i / 2) < usize::from(if mq { self.active_pairs } else { 1 }),
             });
         }
         if resume {
@@ -667,7 +725,8 @@ impl State {
                 backend.set_inflight(region).map_err(|e| e.to_string())?;
             }
         }
-        let acked = self.driver_features;
+        // Only what the backend offered (not our control-queue features).
+        let acked = self.driver_features & self.backend_features;
         backend
             .activate(&self.mem, acked, &setups)
             .map_err(|e| e.to_string())?;
@@ -737,6 +796,99 @@ impl State {
         self.signal_config();
     }
 
+    /// Sets up the NIC's control queue when the driver enabled it.
+    fn start_ctrl(&mut self) {
+        self.ctrl_queue = None;
+        self.active_pairs = 1;
+        let Some(q) = self.ctrl.and_then(|i| self.queues.get(i)) else {
+            return;
+        };
+        if !q.enabled {
+            return;
+        }
+        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        match CtrlQueue::new(q.size, q.desc, q.avail, q.used, event_idx) {
+            Ok(c) => self.ctrl_queue = Some(c),
+            Err(e) => log::warn!("{}: {e}", self.path.display()),
+        }
+    }
+
+    /// The driver kicked the control queue: serve its commands now.
+    fn ctrl_kick(&mut self) {
+        let Some(mut ctrl) = self.ctrl_queue.take() else {
+            return;
+        };
+        let mem = self.mem.clone();
+        let r = ctrl.process(&mem, |c| self.ctrl_command(c));
+        self.ctrl_queue = Some(ctrl);
+        match r {
+            Ok(0) => {}
+            Ok(_) => {
+                if let Some(q) = self.ctrl.and_then(|i| self.queues.get(i)) {
+                    if q.vector != NO_VECTOR {
+                        let _ = q.call.write(1);
+                    }
+                }
+            }
+            Err(e) => log::warn!("{}: {e}", self.path.display()),
+        }
+    }
+
+    /// Executes one control command; `true`: VIRTIO_NET_OK.
+    fn ctrl_command(&mut self, c: Command) -> bool {
+        let path = self.path.display().to_string();
+        match c {
+            Command::PairsSet(n) => {
+                let mq = self.driver_features & VIRTIO_NET_F_MQ != 0;
+                if !mq || n == 0 || n > self.pairs {
+                    log::warn!(
+                        "{path}: guest asked for {n} queue pairs (of {})",
+                        self.pairs
+                    );
+                    return false;
+                }
+                let Some(backend) = self.backend.as_mut() else {
+                    // Disconnected: applied when the watcher restarts it.
+                    self.active_pairs = n;
+                    return true;
+                };
+                for pair in 0..usize::from(self.pairs) {
+                    let on = pair < usize::from(n);
+                    for i in [2 * pair, 2 * pair + 1] {
+                        if !self.queues[i].enabled {
+                            continue;
+                        }
+                        if let Err(e) = backend.set_vring_enable(i, on) {
+                            log::warn!("{path}: {e}");
+                            return false;
+                        }
+                    }
+                }
+                log::info!("{path}: guest uses {n} of {} queue pairs", self.pairs);
+                self.active_pairs = n;
+                true
+            }
+            // The tap hands the guest its own MAC, broadcast and multicast
+            // frames (and everything the bridge floods); the guest's stack
+            // drops what it did not ask for.
+            Command::RxMode { .. } | Command::MacTable => true,
+            Command::MacAddr(m) => {
+                log::info!(
+                    "{path}: guest set its MAC to {}",
+                    m.iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":")
+                );
+                true
+            }
+            Command::Unsupported { class, cmd } => {
+                log::debug!("{path}: unsupported control command {class}.{cmd}");
+                false
+            }
+        }
+    }
+
     fn maybe_move_bar(&mut self) {
         let (new, _) = self.cfg.bar(0);
         if new == self.bar
@@ -746,6 +898,9 @@ impl State {
             return;
         }
         for (q, queue) in self.queues.iter().enumerate() {
+            if Some(q) == self.ctrl {
+                continue;
+            }
             let old = IoEventAddress::Mmio(self.bar + NOTIFY_OFF + q as u64 * NOTIFY_MULT);
             let _ = self.vm.unregister_ioevent(&queue.kick, &old, NoDatamatch);
             let addr = IoEventAddress::Mmio(new + NOTIFY_OFF + q as u64 * NOTIFY_MULT);
@@ -861,7 +1016,9 @@ fn spawn_watcher(state: Arc<Mutex<State>>, exit: ExitSignal) -> Result<(), Error
                     if let Err(e) = b.open_backend_channel(config_callback(&state)) {
                         log::error!("{e}");
                     }
-                    let missing = s.device_features & !b.features() & !local;
+                    // What the old backend offered must be there again
+                    // (our own MAC/status and control-queue features aside).
+                    let missing = s.device_features & s.backend_features & !b.features() & !local;
                     if missing != 0 {
                         log::error!(
                             "{}: reconnected backend lacks features {missing:#x}; not resuming",
@@ -871,6 +1028,7 @@ fn spawn_watcher(state: Arc<Mutex<State>>, exit: ExitSignal) -> Result<(), Error
                         std::thread::sleep(Duration::from_secs(1));
                         continue;
                     }
+                    s.backend_features = b.features();
                     s.backend = Some(b);
                     if s.activated {
                         match s.activate(true) {
